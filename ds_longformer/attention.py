@@ -83,6 +83,29 @@ def global_rows_attention(qg: Tensor, kg: Tensor, vg: Tensor, layout: AttentionL
     return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_ok, dropout_p=dropout_p)
 
 
+def global_rows_attention_absorbed(qg: Tensor, hidden: Tensor, key_global: nn.Linear, value_global: nn.Linear,
+                                   layout: AttentionLayout, dropout_p: float) -> Tensor:
+    """The same result as projecting every token with key_global/value_global, for O(H G N C)
+    instead of O(N C^2): the projections are folded into the G queries and the G outputs.
+
+      score[g, n] = qg[g] . (Wk x[n] + bk) = (Wk^T qg[g]) . x[n] + const(g)   (const cancels in softmax)
+      out[g]      = sum_n p[g, n] (Wv x[n] + bv) = Wv (sum_n p[g, n] x[n]) + (sum_n p[g, n]) bv
+
+    qg: (B, H, G, D); hidden: (B, N, C). Returns (B, H, G, D).
+    """
+    B, H, G, D = qg.shape
+    C = hidden.shape[-1]
+    w_k = key_global.weight.view(H, D, C)
+    w_v = value_global.weight.view(H, D, C)
+    q_in = torch.einsum("bhgd,hdc->bhgc", qg, w_k)  # queries moved into the hidden space
+    scores = torch.einsum("bhgc,bnc->bhgn", q_in, hidden).float() / math.sqrt(D)
+    scores = scores.masked_fill(~layout.valid[:, None, None, :], float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p).to(hidden.dtype)  # (B, H, G, N)
+    context = torch.einsum("bhgn,bnc->bhgc", probs, hidden)
+    out = torch.einsum("bhgc,hdc->bhgd", context, w_v)
+    return out + probs.sum(-1, keepdim=True) * value_global.bias.view(1, H, 1, D)
+
+
 # ------------------------------------------------------------------------------------------
 # Local part, backend "blocked".
 # ------------------------------------------------------------------------------------------
@@ -119,6 +142,47 @@ def _blocked_mask(layout: AttentionLayout, window: int, block: int | None) -> Te
     return mask.view(B * n_blocks, 1, b, -1)
 
 
+class NeighbourBlocks(torch.autograd.Function):
+    """Gather, for every query block, the key/value rows it may attend to.
+
+    x (B, N, H, D) -> (B, n_blocks, H, span + G, D): for query block i, the tokens
+    [i*b - halo, i*b + b + halo) (zeros outside the sequence), then the G global tokens. Written by
+    hand because the autograd of pad + unfold/cat + gather spends more time zero-filling and
+    copying gradient buffers than the attention itself; here backward is one buffer and a few adds.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: int, halo: int, n_blocks: int, global_idx: Tensor) -> Tensor:
+        B, N, H, D = x.shape
+        ctx.shape, ctx.geometry = x.shape, (b, halo, n_blocks)
+        ctx.save_for_backward(global_idx)
+        x_pad = x.new_zeros(B, n_blocks * b + 2 * halo, H, D)
+        x_pad[:, halo: halo + N] = x
+        x_pad = x_pad.view(B, -1, b, H, D).transpose(2, 3)  # (B, n_blocks + 2 halo / b, H, b, D)
+        parts = [x_pad[:, j: j + n_blocks] for j in range(2 * halo // b + 1)]
+        G = global_idx.shape[1]
+        if G:
+            x_global = x.gather(1, global_idx[:, :, None, None].expand(B, G, H, D)).transpose(1, 2)
+            parts.append(x_global[:, None].expand(B, n_blocks, H, G, D))
+        return torch.cat(parts, dim=3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (global_idx,) = ctx.saved_tensors
+        B, N, H, D = ctx.shape
+        b, halo, n_blocks = ctx.geometry
+        n_parts = 2 * halo // b + 1
+        grad_pad = grad.new_zeros(B, n_blocks + n_parts - 1, H, b, D)
+        for j in range(n_parts):
+            grad_pad[:, j: j + n_blocks] += grad[:, :, :, j * b: (j + 1) * b]
+        grad_x = grad_pad.transpose(2, 3).reshape(B, -1, H, D)[:, halo: halo + N].contiguous()
+        G = global_idx.shape[1]
+        if G:
+            grad_global = grad[:, :, :, n_parts * b:].sum(dim=1).transpose(1, 2)  # (B, G, H, D)
+            grad_x.scatter_add_(1, global_idx[:, :, None, None].expand(B, G, H, D), grad_global)
+        return grad_x, None, None, None, None
+
+
 def blocked_local_attention(
     q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, window: int, block: int | None, dropout_p: float
 ) -> Tensor:
@@ -131,20 +195,13 @@ def blocked_local_attention(
 
     q_blocks = F.pad(q, (0, 0, 0, 0, 0, n_pad - N)).view(B, n_blocks, b, H, D).transpose(2, 3)
 
-    def neighbour_blocks(x: Tensor) -> Tensor:  # (B, N, H, D) -> (B, n_blocks, H, span [+ G], D)
-        x_pad = F.pad(x, (0, 0, 0, 0, halo, n_pad - N + halo))
-        windows = x_pad.unfold(1, span, b).permute(0, 1, 2, 4, 3)  # (B, n_blocks, H, span, D)
-        if layout.num_global:
-            idx = layout.global_idx[:, :, None, None].expand(B, layout.num_global, H, D)
-            x_global = x.gather(1, idx).transpose(1, 2)  # (B, H, G, D)
-            x_global = x_global[:, None].expand(B, n_blocks, H, layout.num_global, D)
-            windows = torch.cat([windows, x_global], dim=3)
-        return windows
+    def neighbour_blocks(x: Tensor) -> Tensor:  # (B, N, H, D) -> (B * n_blocks, H, span + G, D)
+        return NeighbourBlocks.apply(x, b, halo, n_blocks, layout.global_idx).flatten(0, 1)
 
     out = F.scaled_dot_product_attention(
         q_blocks.reshape(B * n_blocks, H, b, D),
-        neighbour_blocks(k).reshape(B * n_blocks, H, -1, D),
-        neighbour_blocks(v).reshape(B * n_blocks, H, -1, D),
+        neighbour_blocks(k),
+        neighbour_blocks(v),
         attn_mask=mask,
         dropout_p=dropout_p,
     )  # (B * n_blocks, H, b, D)
@@ -234,6 +291,7 @@ class LongformerSelfAttention(nn.Module):
             raise ValueError(f"attention window {window} must be a positive even number")
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.window, self.dropout, self.backend, self.block_size = window, dropout, backend, block_size
+        self.global_path = "auto"  # or "projected" / "absorbed" (tests compare the two)
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
@@ -241,6 +299,13 @@ class LongformerSelfAttention(nn.Module):
         self.query_global = nn.Linear(hidden_size, hidden_size)
         self.key_global = nn.Linear(hidden_size, hidden_size)
         self.value_global = nn.Linear(hidden_size, hidden_size)
+
+    def absorb_global_projections(self, num_global: int) -> bool:
+        """Fold key_global/value_global into the global rows when that is cheaper: 2 H G N C
+        multiply-adds against 2 N C^2 for projecting every token, i.e. when G < head_dim."""
+        if self.global_path != "auto":
+            return self.global_path == "absorbed"
+        return num_global < self.head_dim
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, H, D)
         return x.view(*x.shape[:2], self.num_heads, self.head_dim)
@@ -268,9 +333,14 @@ class LongformerSelfAttention(nn.Module):
             G = layout.num_global
             rows = layout.global_idx[:, :, None].expand(B, G, C)
             qg = self._heads(self.query_global(hidden.gather(1, rows))).transpose(1, 2)  # (B, H, G, D)
-            kg = self._heads(self.key_global(hidden)).transpose(1, 2)  # (B, H, N, D)
-            vg = self._heads(self.value_global(hidden)).transpose(1, 2)
-            out_global = global_rows_attention(qg, kg, vg, layout, dropout_p).transpose(1, 2)  # (B, G, H, D)
+            if self.absorb_global_projections(G):
+                out_global = global_rows_attention_absorbed(qg, hidden, self.key_global, self.value_global,
+                                                            layout, dropout_p)
+            else:
+                kg = self._heads(self.key_global(hidden)).transpose(1, 2)  # (B, H, N, D)
+                vg = self._heads(self.value_global(hidden)).transpose(1, 2)
+                out_global = global_rows_attention(qg, kg, vg, layout, dropout_p)
+            out_global = out_global.transpose(1, 2)  # (B, G, H, D)
             batch, slot = layout.global_valid.nonzero(as_tuple=True)
             out = out.index_put((batch, layout.global_idx[batch, slot]), out_global[batch, slot])
 

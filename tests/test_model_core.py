@@ -79,12 +79,14 @@ def test_matches_transformers_forward_and_gradients(case, windows, tmp_path):
         assert (p.grad - hf_params[name].grad).abs().max() < 1e-5, name
 
 
+@pytest.mark.parametrize("global_path", ["absorbed", "projected"])
 @pytest.mark.parametrize("globals_", [(), ([0, 9], [5])], ids=["no_global", "globals"])
-def test_attention_module_matches_transformers_input_gradients(globals_):
+def test_attention_module_matches_transformers_input_gradients(globals_, global_path):
     """Gradient w.r.t. the hidden states entering one attention layer, against HF's module."""
     torch.manual_seed(0)
     B, N, C, H, window = 2, 32, 32, 4, 8
     ours = LongformerSelfAttention(C, H, window)
+    ours.global_path = global_path
     hf_config = transformers.LongformerConfig(hidden_size=C, num_attention_heads=H, attention_window=[window],
                                               num_hidden_layers=1, attention_probs_dropout_prob=0.0)
     theirs = transformers.models.longformer.modeling_longformer.LongformerSelfAttention(hf_config, 0)
@@ -103,6 +105,10 @@ def test_attention_module_matches_transformers_input_gradients(globals_):
     (out1 * w).sum().backward()
     (out2 * w).sum().backward()
     assert (x1.grad - x2.grad).abs().max() < 1e-5
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.grad is not None:
+            assert (p.grad - theirs_params[name].grad).abs().max() < 1e-5, name
 
 
 @pytest.mark.parametrize("block", [None, 2, 3, 16])
