@@ -47,6 +47,7 @@ class AttentionLayout:
     is_global: Tensor
     global_idx: Tensor
     global_valid: Tensor
+    has_padding: bool
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -62,7 +63,7 @@ class AttentionLayout:
         order = torch.sort((~is_global).to(torch.int8), dim=1, stable=True).indices[:, :G]
         global_valid = torch.arange(G, device=valid.device)[None, :] < counts[:, None]
         global_idx = torch.where(global_valid, order, torch.zeros_like(order))
-        return cls(valid, is_global, global_idx, global_valid)
+        return cls(valid, is_global, global_idx, global_valid, has_padding=not bool(valid.all()))
 
     @property
     def num_global(self) -> int:
@@ -124,63 +125,185 @@ def _blocked_mask(layout: AttentionLayout, window: int, block: int | None) -> Te
     n_pad = n_blocks * b
     span = 2 * halo + b
     device = layout.valid.device
-    q_pos = torch.arange(n_pad, device=device).view(n_blocks, b)
-    k_pos = torch.arange(span, device=device)[None, :] + (q_pos[:, :1] - halo)  # (n_blocks, span)
-    in_band = (q_pos[:, :, None] - k_pos[:, None, :]).abs() <= w  # (n_blocks, b, span)
+    # Key column c of any block sits (c - halo - r) tokens from the block's query row r.
+    offset = torch.arange(span, device=device)[None, :] - halo - torch.arange(b, device=device)[:, None]
+    in_band = offset.abs() <= w  # (b, span), the same for every block
 
     # Keys outside [0, N) are padding; global keys are attended through the global columns instead.
     key_ok = F.pad(layout.valid & ~layout.is_global, (halo, n_pad - N + halo), value=False)
     key_ok = key_ok.unfold(1, span, b)  # (B, n_blocks, span)
-    mask = in_band[None] & key_ok[:, :, None, :]
+    mask = in_band & key_ok[:, :, None, :]  # (B, n_blocks, b, span)
     # Padding queries see only themselves, so no softmax row is empty (their output is zeroed later).
     q_pad = ~F.pad(layout.valid, (0, n_pad - N), value=False).view(B, n_blocks, b)
-    diagonal = q_pos[:, :, None] == k_pos[:, None, :]
-    mask = mask | (q_pad[..., None] & diagonal[None])
+    mask = mask | (q_pad[..., None] & (offset == 0))
     if layout.num_global:
         global_cols = layout.global_valid[:, None, None, :].expand(B, n_blocks, b, layout.num_global)
         mask = torch.cat([mask, global_cols], dim=-1)
     return mask.view(B * n_blocks, 1, b, -1)
 
 
-class NeighbourBlocks(torch.autograd.Function):
-    """Gather, for every query block, the key/value rows it may attend to.
+@dataclass
+class _Blocks:
+    """Geometry of one blocked attention call and the gather/scatter between tokens and blocks.
 
-    x (B, N, H, D) -> (B, n_blocks, H, span + G, D): for query block i, the tokens
-    [i*b - halo, i*b + b + halo) (zeros outside the sequence), then the G global tokens. Written by
-    hand because the autograd of pad + unfold/cat + gather spends more time zero-filling and
-    copying gradient buffers than the attention itself; here backward is one buffer and a few adds.
+    Query block i holds tokens [i*b, (i+1)*b); it may see the key tokens [i*b - halo, (i+1)*b + halo)
+    (zeros outside the sequence) followed by the G global tokens: `span + G` keys.
     """
 
-    @staticmethod
-    def forward(ctx, x: Tensor, b: int, halo: int, n_blocks: int, global_idx: Tensor) -> Tensor:
-        B, N, H, D = x.shape
-        ctx.shape, ctx.geometry = x.shape, (b, halo, n_blocks)
-        ctx.save_for_backward(global_idx)
-        x_pad = x.new_zeros(B, n_blocks * b + 2 * halo, H, D)
-        x_pad[:, halo: halo + N] = x
-        x_pad = x_pad.view(B, -1, b, H, D).transpose(2, 3)  # (B, n_blocks + 2 halo / b, H, b, D)
-        parts = [x_pad[:, j: j + n_blocks] for j in range(2 * halo // b + 1)]
-        G = global_idx.shape[1]
-        if G:
-            x_global = x.gather(1, global_idx[:, :, None, None].expand(B, G, H, D)).transpose(1, 2)
-            parts.append(x_global[:, None].expand(B, n_blocks, H, G, D))
+    B: int
+    N: int
+    H: int
+    D: int
+    b: int
+    halo: int
+    n_blocks: int
+    global_idx: Tensor  # (B, G)
+
+    @property
+    def parts(self) -> int:  # key blocks per query block
+        return 2 * self.halo // self.b + 1
+
+    def pad(self, x: Tensor, halo: int = 0) -> Tensor:
+        """(B, N, H, D) -> (B, n_blocks + 2 halo / b, H, b, D), zero padded on both sides."""
+        x_pad = x.new_zeros(self.B, self.n_blocks * self.b + 2 * halo, self.H, self.D)
+        x_pad[:, halo: halo + self.N] = x
+        return x_pad.view(self.B, -1, self.b, self.H, self.D).transpose(2, 3)
+
+    def unpad(self, x_blocks: Tensor, halo: int = 0) -> Tensor:
+        """Inverse of pad: (B, n, H, b, D) -> (B, N, H, D)."""
+        return x_blocks.transpose(2, 3).reshape(self.B, -1, self.H, self.D)[:, halo: halo + self.N]
+
+    def global_rows(self, x: Tensor) -> Tensor:  # (B, N, H, D) -> (B, H, G, D)
+        idx = self.global_idx[:, :, None, None].expand(-1, -1, self.H, self.D)
+        return x.gather(1, idx).transpose(1, 2)
+
+    def keys(self, x_blocks: Tensor, x_global: Tensor, i0: int, i1: int) -> Tensor:
+        """Keys of query blocks [i0, i1): (B, i1 - i0, H, span + G, D). torch.cat of shifted slices
+        of one padded view copies each key once (unfold's autograd would zero-fill far more)."""
+        parts = [x_blocks[:, i0 + j: i1 + j] for j in range(self.parts)]
+        if x_global.shape[2]:
+            parts.append(x_global[:, None].expand(-1, i1 - i0, -1, -1, -1))
         return torch.cat(parts, dim=3)
+
+    def chunk_queries(self, x: Tensor, i0: int, i1: int) -> Tensor:
+        """Rows of query blocks [i0, i1) of x (B, N, H, D): (B * (i1 - i0), H, b, D), zero padded."""
+        rows = x[:, i0 * self.b: i1 * self.b]
+        rows = F.pad(rows, (0, 0, 0, 0, 0, (i1 - i0) * self.b - rows.shape[1]))
+        return rows.view(self.B, i1 - i0, self.b, self.H, self.D).transpose(2, 3).flatten(0, 1)
+
+    def chunk_keys(self, x: Tensor, x_global: Tensor, i0: int, i1: int) -> Tensor:
+        """Keys of query blocks [i0, i1) read from x (B, N, H, D): (B * (i1 - i0), H, span + G, D)."""
+        lo, hi = i0 * self.b - self.halo, i1 * self.b + self.halo
+        rows = x[:, max(lo, 0): min(hi, self.N)]
+        rows = F.pad(rows, (0, 0, 0, 0, max(0, -lo), hi - lo - rows.shape[1] - max(0, -lo)))
+        x_blocks = rows.view(self.B, -1, self.b, self.H, self.D).transpose(2, 3)
+        return self.keys(x_blocks, x_global, 0, i1 - i0).flatten(0, 1)
+
+    def write_rows(self, out: Tensor, rows: Tensor, i0: int, i1: int):
+        """Write (B * (i1 - i0), H, b, D) block rows into out (B, N, H, D), dropping the padding."""
+        rows = rows.view(self.B, i1 - i0, self.H, self.b, self.D).transpose(2, 3).flatten(1, 2)
+        end = min(i1 * self.b, self.N)
+        out[:, i0 * self.b: end] = rows[:, : end - i0 * self.b]
+
+    def add_key_grad(self, grad: Tensor, grad_global: Tensor, grad_keys: Tensor, i0: int, i1: int):
+        """Accumulate the gradient of the keys of blocks [i0, i1) (B, i1 - i0, H, span + G, D) into
+        grad (B, halo + N + halo + b, H, D), token-indexed with the halo in front, and grad_global."""
+        b = self.b
+        for j in range(self.parts):
+            piece = grad_keys[:, :, :, j * b: (j + 1) * b].transpose(2, 3).flatten(1, 2)  # (B, (i1-i0) b, H, D)
+            grad[:, (i0 + j) * b: (i1 + j) * b] += piece
+        if grad_global.shape[2]:
+            grad_global += grad_keys[:, :, :, self.parts * b:].sum(dim=1)
+
+    def key_grad_to_tokens(self, grad: Tensor, grad_global: Tensor) -> Tensor:
+        grad = grad[:, self.halo: self.halo + self.N]
+        if grad_global.shape[2]:
+            idx = self.global_idx[:, :, None, None].expand(-1, -1, self.H, self.D)
+            grad.scatter_add_(1, idx, grad_global.transpose(1, 2))  # in place: the buffer is ours
+        return grad
+
+
+class NeighbourBlocks(torch.autograd.Function):
+    """x (B, N, H, D) -> keys of every query block (B, n_blocks, H, span + G, D), with a
+    hand-written backward (one gradient buffer and a few adds)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, blocks: _Blocks) -> Tensor:
+        ctx.blocks = blocks
+        return blocks.keys(blocks.pad(x, blocks.halo), blocks.global_rows(x), 0, blocks.n_blocks)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (global_idx,) = ctx.saved_tensors
-        B, N, H, D = ctx.shape
-        b, halo, n_blocks = ctx.geometry
-        n_parts = 2 * halo // b + 1
-        grad_pad = grad.new_zeros(B, n_blocks + n_parts - 1, H, b, D)
-        for j in range(n_parts):
-            grad_pad[:, j: j + n_blocks] += grad[:, :, :, j * b: (j + 1) * b]
-        grad_x = grad_pad.transpose(2, 3).reshape(B, -1, H, D)[:, halo: halo + N].contiguous()
-        G = global_idx.shape[1]
-        if G:
-            grad_global = grad[:, :, :, n_parts * b:].sum(dim=1).transpose(1, 2)  # (B, G, H, D)
-            grad_x.scatter_add_(1, global_idx[:, :, None, None].expand(B, G, H, D), grad_global)
-        return grad_x, None, None, None, None
+        k = ctx.blocks
+        grad_tokens = grad.new_zeros(k.B, k.N + 2 * k.halo + k.b, k.H, k.D)
+        grad_global = grad.new_zeros(k.B, k.H, k.global_idx.shape[1], k.D)
+        k.add_key_grad(grad_tokens, grad_global, grad, 0, k.n_blocks)
+        return k.key_grad_to_tokens(grad_tokens, grad_global), None
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+CHUNK_TOKENS = 256  # query tokens per chunk of the CPU flash path: bounds the gathered keys
+CPU_FLASH = True  # tests switch it off to compare with the SDPA-autograd path
+
+
+class CpuFlashBandAttention(torch.autograd.Function):
+    """The blocked band attention on CPU without storing the gathered keys and values.
+
+    Autograd through SDPA keeps every block's gathered keys/values (3x K and V) for backward, and
+    the CPU flash backward allocates as much again. Here forward and backward walk over chunks of
+    query blocks, gathering each chunk's queries and keys straight from the (B, N, H, D) tensors,
+    and keep only q, k, v, the output and the log-sum-exp: the same kernels and results, with
+    peak memory a few (N x C) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: _Blocks) -> Tensor:
+        B, H, b, n = blocks.B, blocks.H, blocks.b, blocks.n_blocks
+        k_global, v_global = blocks.global_rows(k), blocks.global_rows(v)
+        out = torch.empty_like(q)
+        lse = q.new_empty(B, n, H, b, dtype=torch.float32)
+        for i0, i1 in _chunks(n, b):
+            o, l = _flash_cpu(blocks.chunk_queries(q, i0, i1), blocks.chunk_keys(k, k_global, i0, i1),
+                              blocks.chunk_keys(v, v_global, i0, i1), 0.0, False,
+                              attn_mask=_additive(mask[:, i0:i1], q.dtype))
+            blocks.write_rows(out, o, i0, i1)
+            lse[:, i0:i1] = l.view(B, i1 - i0, H, b)
+        ctx.blocks = blocks
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        blocks = ctx.blocks
+        B, H, b, D = blocks.B, blocks.H, blocks.b, blocks.D
+        k_global, v_global = blocks.global_rows(k), blocks.global_rows(v)
+        grad_out = grad_out.contiguous()
+        grad_q = torch.empty_like(q)
+        grad_k, grad_v = (q.new_zeros(B, blocks.N + 2 * blocks.halo + b, H, D) for _ in range(2))
+        grad_kg, grad_vg = torch.zeros_like(k_global), torch.zeros_like(v_global)
+        for i0, i1 in _chunks(blocks.n_blocks, b):
+            dq, dk, dv = _flash_cpu_backward(
+                blocks.chunk_queries(grad_out, i0, i1), blocks.chunk_queries(q, i0, i1),
+                blocks.chunk_keys(k, k_global, i0, i1), blocks.chunk_keys(v, v_global, i0, i1),
+                blocks.chunk_queries(out, i0, i1), lse[:, i0:i1].flatten(0, 1), 0.0, False,
+                attn_mask=_additive(mask[:, i0:i1], q.dtype))
+            blocks.write_rows(grad_q, dq, i0, i1)
+            blocks.add_key_grad(grad_k, grad_kg, dk.view(B, i1 - i0, H, -1, D), i0, i1)
+            blocks.add_key_grad(grad_v, grad_vg, dv.view(B, i1 - i0, H, -1, D), i0, i1)
+        return (grad_q, blocks.key_grad_to_tokens(grad_k, grad_kg),
+                blocks.key_grad_to_tokens(grad_v, grad_vg), None, None)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool (B, n, 1, b, K) -> additive (B * n, 1, b, K) of the query's dtype (the kernel's rule)."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).flatten(0, 1)
+
+
+def _chunks(n_blocks: int, b: int):
+    step = max(1, CHUNK_TOKENS // b)
+    return [(i, min(i + step, n_blocks)) for i in range(0, n_blocks, step)]
 
 
 def blocked_local_attention(
@@ -189,23 +312,20 @@ def blocked_local_attention(
     """q, k, v: (B, N, H, D) local projections. Returns (B, N, H, D)."""
     B, N, H, D = q.shape
     w, b, halo, n_blocks = _block_geometry(N, window, block)
-    n_pad = n_blocks * b
-    span = 2 * halo + b
-    mask = layout.cached(("blocked", window, b), lambda: _blocked_mask(layout, window, b))
+    blocks = _Blocks(B, N, H, D, b, halo, n_blocks, layout.global_idx)
+    mask = layout.cached(("blocked", window, b), lambda: _blocked_mask(layout, window, b))  # (B*n, 1, b, K)
 
-    q_blocks = F.pad(q, (0, 0, 0, 0, 0, n_pad - N)).view(B, n_blocks, b, H, D).transpose(2, 3)
+    if CPU_FLASH and q.device.type == "cpu" and dropout_p == 0.0 and q.dtype in (torch.float32, torch.bfloat16):
+        mask_blocks = mask.view(B, n_blocks, 1, b, -1)
+        return CpuFlashBandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask_blocks, blocks)
 
-    def neighbour_blocks(x: Tensor) -> Tensor:  # (B, N, H, D) -> (B * n_blocks, H, span + G, D)
-        return NeighbourBlocks.apply(x, b, halo, n_blocks, layout.global_idx).flatten(0, 1)
-
+    # Elsewhere (CUDA, or attention dropout): SDPA with autograd over all blocks at once.
+    q_blocks = blocks.pad(q).flatten(0, 1)  # (B * n_blocks, H, b, D)
     out = F.scaled_dot_product_attention(
-        q_blocks.reshape(B * n_blocks, H, b, D),
-        neighbour_blocks(k),
-        neighbour_blocks(v),
-        attn_mask=mask,
-        dropout_p=dropout_p,
+        q_blocks, NeighbourBlocks.apply(k, blocks).flatten(0, 1), NeighbourBlocks.apply(v, blocks).flatten(0, 1),
+        attn_mask=mask, dropout_p=dropout_p,
     )  # (B * n_blocks, H, b, D)
-    return out.view(B, n_blocks, H, b, D).transpose(2, 3).reshape(B, n_pad, H, D)[:, :N]
+    return blocks.unpad(out.view(B, n_blocks, H, b, D))
 
 
 # ------------------------------------------------------------------------------------------
@@ -344,5 +464,6 @@ class LongformerSelfAttention(nn.Module):
             batch, slot = layout.global_valid.nonzero(as_tuple=True)
             out = out.index_put((batch, layout.global_idx[batch, slot]), out_global[batch, slot])
 
-        out = out.masked_fill(~layout.valid[:, :, None, None], 0.0)
+        if layout.has_padding:  # padding rows output zeros, as Hugging Face's
+            out = out.masked_fill(~layout.valid[:, :, None, None], 0.0)
         return out.reshape(B, N, C)

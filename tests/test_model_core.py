@@ -137,6 +137,28 @@ def test_backends_agree_forward_and_gradients(block, globals_):
         assert (model(ids, am, gm).logits - lb).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_flash_path_equals_sdpa_autograd_path(monkeypatch, dtype):
+    """The chunked CPU kernel path (no stored key blocks) against plain SDPA autograd over blocks."""
+    import ds_longformer.attention as attention
+
+    monkeypatch.setattr(attention, "CHUNK_TOKENS", 8)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    B, N, H, D = 2, 45, 2, 8
+    _, am, gm = make_batch(B, N, (N, 30), ([0, 44], [3]))
+    q, k, v = (torch.randn(B, N, H, D, dtype=dtype) for _ in range(3))
+    results = []
+    for flash in (True, False):
+        monkeypatch.setattr(attention, "CPU_FLASH", flash)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = attention.blocked_local_attention(*leaves, AttentionLayout.build(am, gm), 8, 4, 0.0)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach().float()] + [x.grad.float() for x in leaves])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: ~1 ulp
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_flex_refuses_backward_on_cpu():
     model = LongformerModel(tiny_config(attention_backend="flex"))
     ids, am, _ = make_batch(1, 16)

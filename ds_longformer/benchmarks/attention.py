@@ -1,0 +1,185 @@
+"""Attention benchmark: our backends against transformers' LongformerSelfAttention.
+
+    python -m ds_longformer.benchmarks.attention                       # N = 1024..8192, window 512
+    python -m ds_longformer.benchmarks.attention --seq_lens 4096 --windows 256 512 1024
+    python -m ds_longformer.benchmarks.attention --device cuda --impls hf blocked flex --seq_lens 4096 32768
+
+Implementations (each measured in its own process, same weights and inputs):
+  hf       transformers' LongformerSelfAttention (projections + attention)
+  blocked  our module, backend "blocked" (projections + attention)
+  dense    our module, backend "dense" (O(N^2) reference; only up to --dense_max_len)
+  flex     our module, backend "flex" (CUDA; on CPU forward only and unfused, so off by default)
+  core     our blocked band attention alone, given q/k/v: shows the linear cost in N and window
+
+For each: forward time, forward+backward time, peak extra memory of forward+backward, and the
+time as a multiple of the floor = (banded multiply-adds of the same work) / (measured matmul rate).
+Ratios against hf are computed from the same run. Prints a table and writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from .common import machine_description, matmul_rate, measure, print_table, run_worker
+
+MODULE = "ds_longformer.benchmarks.attention"
+
+
+def floor_flops(impl: str, n: int, window: int, n_global: int, hidden: int, heads: int, backward: bool) -> float:
+    """FLOPs the work needs at least: projections (not for 'core') + band + global rows/columns."""
+    keys = min(window + 1, n)  # keys per local query
+    flops = 4 * n * keys * hidden  # q.k and p.v over the band, all heads
+    flops += 4 * n * n_global * hidden  # local queries against the global keys
+    if impl != "core":
+        flops += 3 * 2 * n * hidden * hidden  # local q, k, v projections
+        flops += 2 * n_global * hidden * hidden  # global queries
+        flops += 2 * 2 * n_global * n * hidden + 4 * n_global * n * hidden  # global rows, keys folded in
+    return flops * (3 if backward else 1)  # backward ~ twice the forward
+
+
+def build(spec: dict):
+    """Returns (forward, forward_backward) closures for one configuration."""
+    from ds_longformer.attention import AttentionLayout, LongformerSelfAttention, blocked_local_attention
+
+    torch.manual_seed(0)
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    B, N, C, H, W, G = spec["batch"], spec["seq_len"], spec["hidden"], spec["heads"], spec["window"], spec["globals"]
+    attention_mask = torch.ones(B, N, dtype=torch.long, device=device)
+    global_mask = torch.zeros_like(attention_mask)
+    global_mask[:, torch.linspace(0, N - 1, G).long()] = 1 if G else 0
+    x = torch.randn(B, N, C, device=device, dtype=dtype)
+    impl = spec["impl"]
+
+    if impl == "hf":
+        from transformers import LongformerConfig
+        from transformers.models.longformer.modeling_longformer import LongformerSelfAttention as HFAttention
+
+        cfg = LongformerConfig(hidden_size=C, num_attention_heads=H, attention_window=[W], num_hidden_layers=1,
+                               attention_probs_dropout_prob=0.0)
+        module = HFAttention(cfg, 0).to(device, dtype)
+        n_pad = math.ceil(N / W) * W  # HF needs a multiple of the window (its model pads; do it here)
+        x = torch.nn.functional.pad(x, (0, 0, 0, n_pad - N))
+        mask = torch.full((B, n_pad), -10000.0, device=device, dtype=dtype)
+        mask[:, :N] = torch.where(global_mask.bool(), 10000.0, 0.0)
+
+        def call(inp):
+            return module(inp, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0,
+                          is_global_attn=G > 0)[0]
+    elif impl == "core":
+        D = C // H
+        q, k, v = (torch.randn(B, N, H, D, device=device, dtype=dtype) for _ in range(3))
+
+        def call(inp):
+            layout = AttentionLayout.build(attention_mask, global_mask)
+            return blocked_local_attention(inp, k, v, layout, W, spec.get("block"), 0.0)
+
+        x = q
+    else:
+        module = LongformerSelfAttention(C, H, W, backend=impl, block_size=spec.get("block")).to(device, dtype)
+
+        def call(inp):
+            return module(inp, AttentionLayout.build(attention_mask, global_mask))  # layout built per batch
+
+    def forward():
+        with torch.no_grad():
+            call(x)
+
+    def forward_backward():
+        inp = x.detach().requires_grad_(True)
+        call(inp).float().sum().backward()
+
+    return forward, forward_backward
+
+
+def worker(spec: dict):
+    torch.set_num_threads(spec["threads"])
+    forward, forward_backward = build(spec)
+    result = dict(spec)
+    if spec["mode"] == "forward":
+        result["forward"] = measure(forward, spec["device"], spec["repeats"])
+    else:
+        result["forward_backward"] = measure(forward_backward, spec["device"], spec["repeats"])
+    print(json.dumps(result))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq_lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--windows", type=int, nargs="+", default=[512])
+    p.add_argument("--globals", type=int, nargs="+", default=[1], help="global tokens per sequence (0 = none)")
+    p.add_argument("--impls", nargs="+", default=["hf", "blocked", "dense", "core"],
+                   choices=["hf", "blocked", "dense", "flex", "core"])
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--block", type=int, default=None, help="query block of the blocked backend (default window/2)")
+    p.add_argument("--dense_max_len", type=int, default=4096, help="skip 'dense' above this length (O(N^2))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1 is the steadiest)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    p.add_argument("--json", default="attention_benchmark.json", help="where to write all results")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    rate = matmul_rate(args.device, getattr(torch, args.dtype), c=args.hidden)
+    print(f"# {machine_description(args.device, args.threads)}; {args.dtype}; batch {args.batch}, "
+          f"{args.heads} heads of {args.hidden // args.heads}; matmul {rate / 1e9:.1f} GFLOP/s")
+    rows = []
+    for window in args.windows:
+        for n_global in args.globals:
+            for n in args.seq_lens:
+                for impl in args.impls:
+                    if impl == "dense" and n > args.dense_max_len:
+                        continue
+                    row = dict(impl=impl, seq_len=n, window=window, globals=n_global)
+                    for mode in ("forward", "forward_backward"):
+                        if impl == "flex" and args.device == "cpu" and mode == "forward_backward":
+                            continue
+                        spec = dict(row, mode=mode, device=args.device, dtype=args.dtype, batch=args.batch,
+                                    hidden=args.hidden, heads=args.heads, block=args.block,
+                                    threads=args.threads, repeats=args.repeats)
+                        res = run_worker(MODULE, spec, args.threads)
+                        if "error" in res:
+                            row[f"{mode}_error"] = res["error"]
+                            continue
+                        row[f"{mode}_ms"] = res[mode]["time_s"] * 1e3
+                        row[f"{mode}_mib"] = res[mode]["peak_mib"]
+                    if "forward_backward_ms" in row:
+                        flops = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
+                        row["x_floor"] = row["forward_backward_ms"] / 1e3 / (flops / rate)
+                        row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
+                    rows.append(row)
+                    print(f"  measured {impl:8s} N={n:6d} window={window} globals={n_global}", flush=True)
+
+    # Ratios against hf, measured in this run.
+    for row in rows:
+        ref = next((r for r in rows if r["impl"] == "hf" and all(r[k] == row[k] for k in ("seq_len", "window",
+                                                                                              "globals"))), None)
+        if ref and row.get("forward_backward_ms") and ref.get("forward_backward_ms"):
+            row["speedup_vs_hf"] = ref["forward_backward_ms"] / row["forward_backward_ms"]
+            row["mem_vs_hf"] = row["forward_backward_mib"] / max(ref["forward_backward_mib"], 1e-9)
+    print_table(rows, [("impl", "impl", "s"), ("seq_len", "N", "d"), ("window", "window", "d"),
+                       ("globals", "global", "d"), ("forward_ms", "fwd ms", ".1f"),
+                       ("forward_backward_ms", "fwd+bwd ms", ".1f"), ("forward_backward_mib", "peak MiB", ".0f"),
+                       ("us_per_token", "us/token", ".1f"), ("x_floor", "x floor", ".2f"),
+                       ("speedup_vs_hf", "speed vs hf", ".2f"), ("mem_vs_hf", "mem vs hf", ".2f")])
+    errors = [(r["impl"], r["seq_len"], r.get("forward_backward_error") or r.get("forward_error"))
+              for r in rows if "forward_backward_error" in r or "forward_error" in r]
+    for impl, n, err in errors:
+        print(f"  {impl} N={n}: {err}")
+    with open(args.json, "w") as f:
+        json.dump({"machine": machine_description(args.device, args.threads), "matmul_flops": rate,
+                   "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}, f, indent=2)
+    print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

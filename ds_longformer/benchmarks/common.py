@@ -1,0 +1,108 @@
+"""Measuring helpers shared by the benchmarks: isolated worker processes, peak memory, matmul rate.
+
+Every measurement runs in a fresh worker process (`python -m <benchmark> --worker JSON`), so the
+peak-memory reading of one configuration is not polluted by another's, and the timings of the
+implementations being compared are taken by the same code on the same machine in one run.
+CPU time (process_time) is the steadiest clock on a shared machine; on CUDA we use wall time
+around synchronize() and torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(fn, device: str, repeats: int) -> dict:
+    """Peak extra memory of the first call, then the median time of `repeats` more calls."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = rss_bytes()
+        fn()
+        peak = peak_rss_bytes() - base
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        else:
+            t0 = time.process_time()  # CPU time of this process: steady on a shared machine
+            fn()
+            times.append(time.process_time() - t0)
+    return {"time_s": statistics.median(times), "times_s": times, "peak_mib": max(peak, 0) / 2**20}
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int = 4096, c: int = 768, repeats: int = 5) -> float:
+    """Measured FLOP/s of an (n x c) @ (c x c) matmul, the shape of a projection."""
+    a = torch.randn(n, c, device=device, dtype=dtype)
+    w = torch.randn(c, c, device=device, dtype=dtype)
+    return 2 * n * c * c / measure(lambda: a @ w, device, repeats)["time_s"]
+
+
+def run_worker(module: str, spec: dict, threads: int, timeout: float = 900) -> dict:
+    """Run one measurement in a fresh process; returns its JSON result (or an 'error' entry)."""
+    # Large blocks straight from mmap: freed memory leaves RSS at once, so the peak RSS of a worker
+    # tracks its live tensors instead of what glibc's heap happens to keep (same rule for all).
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        oom = "out of memory" in done.stderr.lower() or done.returncode == -9
+        return {**spec, "error": "out of memory" if oom else tail[0][:200]}
+    return json.loads(lines[-1])
+
+
+def machine_description(device: str, threads: int) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {threads} thread(s), torch {torch.__version__}"
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
+    """columns: (key, header, format). Missing values print as '-'."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
