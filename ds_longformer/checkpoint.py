@@ -196,6 +196,7 @@ def save_folder(model, folder: str | Path, state_dict: dict | None = None):
     config = model.config.to_dict()
     config["architectures"] = [model.hf_architecture]
     config["tie_word_embeddings"] = bool(model.tied_weights)
+    config["gradient_checkpointing"] = False  # a training setting, not a property of the weights
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     config["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     _atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))

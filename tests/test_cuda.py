@@ -1,0 +1,65 @@
+"""CUDA checks (skipped without a GPU): the fused flex path and low-precision training.
+
+Run on a GPU machine with `bash launch/gpu_check.sh` (which also runs the benchmarks).
+"""
+
+import pytest
+import torch
+
+from ds_longformer import AttentionLayout, LongformerConfig, LongformerForMaskedLM, LongformerSelfAttention
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def batch(B, N, device, n_global=3, pad=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 1000, (B, N), generator=g)
+    am = torch.ones(B, N, dtype=torch.long)
+    am[-1, N - pad:] = 0
+    ids[am == 0] = 1
+    gm = torch.zeros(B, N, dtype=torch.long)
+    gm[:, 0] = 1
+    gm[0, torch.randint(1, N - pad, (n_global,), generator=g)] = 1
+    return ids.to(device), am.to(device), gm.to(device)
+
+
+@pytest.mark.parametrize("backend", ["flex", "blocked"])
+def test_backend_matches_dense_forward_and_backward_on_cuda(backend):
+    torch.manual_seed(0)
+    B, N, C, H, W = 2, 1000, 256, 4, 128
+    _, am, gm = batch(B, N, "cuda")
+    module = LongformerSelfAttention(C, H, W).cuda()
+    x = torch.randn(B, N, C, device="cuda")
+    results = {}
+    for name in (backend, "dense"):
+        module.backend = name
+        xi = x.clone().requires_grad_(True)
+        out = module(xi, AttentionLayout.build(am, gm))
+        out.pow(2).sum().backward()
+        results[name] = (out.detach(), xi.grad, module.query.weight.grad.clone())
+        module.zero_grad()
+    for a, b in zip(results[backend], results["dense"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["flex", "blocked"])
+def test_low_precision_training_steps_stay_finite(dtype, backend):
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=2050, attention_window=256,
+                           attention_backend=backend, attention_probs_dropout_prob=0.0)
+    model = LongformerForMaskedLM(cfg).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    ids, am, gm = batch(2, 2048, "cuda")
+    labels = torch.where(torch.rand(ids.shape, device="cuda") < 0.15, ids, torch.full_like(ids, -100))
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(ids, am, gm, labels=labels).loss
+        assert torch.isfinite(loss), loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
