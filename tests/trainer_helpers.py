@@ -1,0 +1,144 @@
+"""A tiny MLM run of the Trainer, for the trainer and launcher tests.
+
+As a module it gives the tiny model and random data; as a program (`python -m
+tests.trainer_helpers [trainer flags] [--dump DIR ...]`, also under torchrun or launch/cpu.sh)
+it trains through the shared CLI flags and writes what the tests compare into --dump:
+params_rank<r>.pt (full parameters as each rank holds them), summary.json, logits.pt
+(the engine's logits on a fixed batch, rank 0). `spawn`/`reap` run the tests' subprocesses in
+their own session, so a timeout stops a launcher together with its ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ds_longformer import LongformerConfig, LongformerForMaskedLM
+from ds_longformer.trainer import Trainer, TrainerArgs, add_trainer_args, load_ds_config, seed_everything
+
+VOCAB, SEQ = 100, 16
+
+
+def spawn(cmd: list[str], **kw) -> subprocess.Popen:
+    """Start `cmd` in its own session (so `reap` can stop a launcher together with its ranks)."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+def reap(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def tiny_model(dropout: float = 0.0) -> LongformerForMaskedLM:
+    return LongformerForMaskedLM(LongformerConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=130, attention_window=8, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout))
+
+
+def random_mlm_data(n: int, seed: int) -> list[dict]:
+    """Every token is a label, so every sample weighs the same in a batch's mean loss."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, SEQ), generator=g)
+    return [{"input_ids": x, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": x.roll(1)}
+            for x in ids]
+
+
+def token_accuracy(outputs, batch) -> dict:
+    labels = batch["labels"].to(outputs.logits.device)
+    return {"correct": (outputs.logits.argmax(-1) == labels).sum().item(), "tokens": labels.numel()}
+
+
+def reduce_accuracy(totals: dict) -> dict:
+    return {"accuracy": totals["correct"] / totals["tokens"]}
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Parameters as this rank sees them, gathered first under ZeRO-3 (collective)."""
+    import deepspeed
+
+    module = trainer.engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                           enabled=trainer.engine.zero_optimization_partition_weights()):
+        return {k: v.detach().float().clone() for k, v in module.named_parameters()}
+
+
+def poison_loss(model: torch.nn.Module, at_call: int) -> None:
+    """Turn the loss of the `at_call`-th training forward (1-based) into NaN."""
+    calls = 0
+
+    def hook(module, inputs, output):
+        nonlocal calls
+        if module.training:
+            calls += 1
+            if calls == at_call:
+                output.loss = output.loss * float("nan")
+
+    model.register_forward_hook(hook)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_trainer_args(parser)
+    parser.add_argument("--n_train", type=int, default=16)
+    parser.add_argument("--n_val", type=int, default=6)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--ds_override", type=json.loads, default={}, help="JSON merged into the config")
+    parser.add_argument("--crash_during_save_at", type=int, default=-1,
+                        help="die (os._exit) after DeepSpeed wrote the files of this step's checkpoint")
+    parser.add_argument("--nan_at_step", type=int, default=-1, help="make the loss NaN at this optimizer step")
+    parser.add_argument("--dump", type=Path)
+    parser.set_defaults(batch_size=2, lr=1e-3, weight_decay=0.0, save_every_n_steps=0, log_every_n_steps=1)
+    ns = parser.parse_args(argv)
+    args = TrainerArgs.from_namespace(ns)
+    args.deepspeed_config = merge(load_ds_config(args.deepspeed_config, on_cpu=not torch.cuda.is_available()),
+                                  ns.ds_override)
+    seed_everything(args.seed)
+    model = tiny_model(ns.dropout)
+    if ns.nan_at_step > 0:
+        poison_loss(model, (ns.nan_at_step - 1) * args.gradient_accumulation_steps + 1)
+    trainer = Trainer(model, args, random_mlm_data(ns.n_train, 1), random_mlm_data(ns.n_val, 2),
+                      compute_metrics=token_accuracy, reduce_metrics=reduce_accuracy)
+    if ns.crash_during_save_at > 0:
+        save = trainer.engine.save_checkpoint
+
+        def save_then_crash(*a, **kw):
+            save(*a, **kw)
+            if trainer.global_step == ns.crash_during_save_at:
+                os._exit(3)
+
+        trainer.engine.save_checkpoint = save_then_crash
+    summary = trainer.fit()
+    if ns.dump is None:
+        return
+    ns.dump.mkdir(parents=True, exist_ok=True)
+    torch.save(full_params(trainer), ns.dump / f"params_rank{trainer.rank}.pt")
+    probe = {k: v.to(trainer.engine.device) for k, v in
+             torch.utils.data.default_collate(random_mlm_data(2, 3)).items()}
+    trainer.engine.eval()
+    with torch.no_grad():
+        logits = trainer.engine(**probe).logits.float().cpu()
+    if trainer.rank == 0:
+        torch.save(logits, ns.dump / "logits.pt")
+        (ns.dump / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
