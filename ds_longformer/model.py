@@ -232,7 +232,6 @@ class LongformerModel(LongformerPreTrainedModel):
         global_attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         layout: AttentionLayout | None = None,
-        **unused,
     ) -> ModelOutput:
         self.check_inputs(input_ids, attention_mask, global_attention_mask)
         if attention_mask is None:
@@ -280,8 +279,9 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
             self.lm_head.decoder.bias = nn.Parameter(bias)
             self.lm_head.bias = self.lm_head.decoder.bias
 
-    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None, **kw) -> ModelOutput:
-        out = self.longformer(input_ids, attention_mask, global_attention_mask, **kw)
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
+                token_type_ids=None) -> ModelOutput:
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
         logits = self.lm_head(out.last_hidden_state)  # (B, N, V)
         loss = None
         if labels is not None:
@@ -289,7 +289,7 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state)
 
 
-def _cls_global_mask(input_ids: Tensor, attention_mask: Tensor | None, global_attention_mask: Tensor | None):
+def _cls_global_mask(input_ids: Tensor, global_attention_mask: Tensor | None) -> Tensor:
     """Default for classification: global attention on the first token (<s> / [CLS])."""
     if global_attention_mask is not None:
         return global_attention_mask
@@ -323,9 +323,10 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
         self.classifier = LongformerClassificationHead(config)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None, **kw) -> ModelOutput:
-        global_attention_mask = _cls_global_mask(input_ids, attention_mask, global_attention_mask)
-        out = self.longformer(input_ids, attention_mask, global_attention_mask, **kw)
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
+                token_type_ids=None) -> ModelOutput:
+        global_attention_mask = _cls_global_mask(input_ids, global_attention_mask)
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
         logits = self.classifier(out.last_hidden_state)  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -353,10 +354,10 @@ class LongformerForCandidateScoring(LongformerPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, candidate_positions=None,
-                candidate_mask=None, labels=None, **kw) -> ModelOutput:
+                candidate_mask=None, labels=None, token_type_ids=None) -> ModelOutput:
         if candidate_positions is None:
             raise ValueError("LongformerForCandidateScoring needs candidate_positions (B, K)")
-        out = self.longformer(input_ids, attention_mask, global_attention_mask, **kw)
+        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
         hidden = out.last_hidden_state
         idx = candidate_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
         logits = self.qa_score(hidden.gather(1, idx)).squeeze(-1).float()  # (B, K)
