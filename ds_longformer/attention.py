@@ -111,11 +111,13 @@ def global_rows_attention_absorbed(qg: Tensor, hidden: Tensor, key_global: nn.Li
 # Local part, backend "blocked".
 # ------------------------------------------------------------------------------------------
 def _block_geometry(n: int, window: int, block: int | None):
+    """(one-sided window w, query block b, halo of keys each side, number of blocks)."""
     w = window // 2
+    if w >= n - 1:  # the window covers the whole sequence: one block, plain full attention
+        return w, max(n, 1), 0, 1
     b = block or max(w, 1)
     halo = math.ceil(w / b) * b  # key tokens gathered on each side of a query block
-    n_blocks = math.ceil(n / b)
-    return w, b, halo, n_blocks
+    return w, b, halo, math.ceil(n / b)
 
 
 def _blocked_mask(layout: AttentionLayout, window: int, block: int | None) -> Tensor:

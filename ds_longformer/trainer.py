@@ -249,6 +249,10 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 def _batch_size(batch: Mapping) -> int:
+    """Samples in a batch: the labels' length (one per example, also when an example spans
+    several input rows, as WikiHop's chunks do), else the first tensor's."""
+    if torch.is_tensor(batch.get("labels")) and batch["labels"].dim() > 0:
+        return batch["labels"].shape[0]
     return next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
 
 

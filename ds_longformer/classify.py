@@ -1,0 +1,104 @@
+"""Document classification (IMDB, Hyperpartisan): the Longformer against the RoBERTa baseline.
+
+    python -m ds_longformer.classify --dataset Hyperpartisan --data_dir data/hyperpartisan \\
+        --model Longformer --model_path data/long_model
+    python -m ds_longformer.classify --dataset IMDB --data_dir data/imdb --model Roberta \\
+        --model_path distilbert/distilroberta-base
+    torchrun --nproc_per_node 4 -m ds_longformer.classify ... --deepspeed_config zero2
+
+Longformer: global attention on <s>, inputs up to --max_seq_len (default: the model's length);
+--model_path must be a Longformer folder (see ds_longformer.convert / ds_longformer.pretrain).
+Roberta: the short model with the same classification head, full attention, inputs truncated to
+512 tokens. Data (--data_dir, default ./data/<dataset>): see ds_longformer.data.imdb and
+ds_longformer.data.hyperpartisan for the accepted published layouts.
+
+Metrics: accuracy and F1 of the positive class (IMDB: positive review, Hyperpartisan: "true",
+the task's reported metric), on dev at every --val_check_interval steps and on test once training
+ends (printed and appended to metrics.jsonl as test/accuracy, test/f1). The final model is tested.
+"""
+
+from __future__ import annotations
+
+import json
+
+from . import LongformerForSequenceClassification
+from .data.classification import encode_classification
+from .data.collate import PaddingCollator
+from .data.hyperpartisan import load_hyperpartisan
+from .data.imdb import load_imdb
+from .tasks_common import (
+    SHORT_MODEL,
+    TaskError,
+    accuracy_stats,
+    cli,
+    load_baseline,
+    load_longformer,
+    load_tokenizer,
+    log_record,
+    reduce_accuracy,
+    task_parser,
+)
+from .trainer import Trainer, TrainerArgs, seed_everything
+
+DATASETS = {  # name -> (loader, id2label)
+    "IMDB": (load_imdb, {0: "negative", 1: "positive"}),
+    "Hyperpartisan": (load_hyperpartisan, {0: "false", 1: "true"}),
+}
+
+
+def build_parser():
+    parser = task_parser("classify", __doc__, batch_size=8, lr=5e-5, epochs=3, gradient_accumulation_steps=1,
+                         val_check_interval=200, default_root_dir="./logs", project_name="Classification",
+                         best_metric="accuracy", best_mode="max")
+    g = parser.add_argument_group("classification")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default="Hyperpartisan")
+    g.add_argument("--model", choices=("Roberta", "Longformer"), default="Roberta",
+                   help=f"Roberta: the short baseline (--model_path default {SHORT_MODEL}); "
+                        "Longformer: needs --model_path")
+    g.add_argument("--data_dir", default=None, help="dataset folder; None: ./data/<dataset in lower case>")
+    return parser
+
+
+def classification_stats(outputs, batch) -> dict:
+    """Per-batch sums: correct predictions, examples and the positive class's confusion counts."""
+    predicted, gold = outputs.logits.argmax(-1).cpu() == 1, batch["labels"] == 1
+    return {**accuracy_stats(outputs, batch), "tp": (predicted & gold).sum().item(),
+            "fp": (predicted & ~gold).sum().item(), "fn": (~predicted & gold).sum().item()}
+
+
+def reduce_classification(totals: dict) -> dict:
+    tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
+    return {**reduce_accuracy(totals), "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+
+
+def main(argv=None) -> dict:
+    """Train and test; returns the trainer's summary plus ``test_metrics``."""
+    args = build_parser().parse_args(argv)
+    if args.model == "Longformer" and not args.model_path:
+        raise TaskError("--model Longformer needs --model_path: the folder of a Longformer (e.g. the "
+                        "--save_model_to folder of ds_longformer.pretrain)")
+    model_path = args.model_path or SHORT_MODEL
+    load_examples, id2label = DATASETS[args.dataset]
+    examples = load_examples(args.data_dir or f"./data/{args.dataset.lower()}")  # fails fast if missing
+
+    seed_everything(args.seed)  # the new classification head
+    load_model = load_longformer if args.model == "Longformer" else load_baseline
+    model, max_len = load_model(LongformerForSequenceClassification, model_path, args.max_seq_len,
+                                num_labels=len(id2label), id2label=id2label)
+    tokenizer = load_tokenizer(args.tokenizer_name or model_path)
+    encoded = {split: encode_classification(examples[split], tokenizer, max_len, num_proc=args.num_workers or None)
+               for split in ("train", "dev", "test")}
+
+    trainer = Trainer(model, TrainerArgs.from_namespace(args), encoded["train"], encoded["dev"],
+                      collate_fn=PaddingCollator(tokenizer.pad_token_id), compute_metrics=classification_stats,
+                      reduce_metrics=reduce_classification, tokenizer=tokenizer)
+    summary = trainer.fit()
+    test = {f"test/{k}": v for k, v in trainer.evaluate(encoded["test"]).items()}
+    log_record(trainer, test)
+    if trainer.rank == 0:
+        print(json.dumps({"model": args.model, "dataset": args.dataset, "max_seq_len": max_len, **test}))
+    return {**summary, "test_metrics": test}
+
+
+if __name__ == "__main__":
+    cli(main)

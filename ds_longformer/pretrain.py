@@ -1,0 +1,226 @@
+"""MLM pretraining of a Longformer converted from a short model (the paper's section 5), on WikiText-103.
+
+    python -m ds_longformer.pretrain --model_path distilbert/distilroberta-base \\
+        --data_dir data/wikitext-103-raw --max_pos 4096 --max_seq_len 4096 --attention_window 512 \\
+        --copy_global_projections --save_model_to data/long_model
+    deepspeed --num_gpus 8 -m ds_longformer.pretrain ... --deepspeed_config zero2
+
+1. --model_path is a short model (RoBERTa/BERT folder with an MLM head): it is converted
+   (positions copied up to --max_pos, global projections copied, window --attention_window). A
+   Longformer folder is used as it is (its own length and windows). --state_dict_path then loads
+   the weights of an earlier long model (a save_pretrained folder or a state-dict file).
+2. WikiText-103 (--data_dir, default --cache_dir; the raw/tokens files, the Hugging Face parquet
+   files or .txt files: see ds_longformer.data.wikitext) is tokenized once, cached under
+   --cache_dir and cut into --max_seq_len blocks; MLM masks 15% of the tokens (80/10/10).
+3. Validation reports the loss and bits per character (BPC). At step 0 (before training) it also
+   evaluates the short model on 512-token blocks -- the paper's comparison: copied positions
+   start near the short model's BPC and training brings the long model below it. The step-0
+   record in metrics.jsonl holds loss, bpc, short_model/loss, short_model/bpc. Validation masks
+   are fixed per block, so every evaluation scores the same masked tokens.
+4. After training the long model is saved to --save_model_to (Hugging Face folder + tokenizer);
+   --copy_global_projections first copies the trained local q/k/v into the global projections,
+   which MLM (local attention only) leaves untrained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import LongformerForMaskedLM
+from .checkpoint import copy_local_to_global, read_config_json, read_state_dict
+from .convert import convert_to_long, has_mlm_head
+from .data.collate import pad_batch
+from .data.mlm import MLMCollator, mask_tokens
+from .data.wikitext import WikiTextSplit, bits_per_character, load_wikitext
+from .tasks_common import (
+    SHORT_MODEL,
+    TaskError,
+    cli,
+    load_baseline,
+    load_tokenizer,
+    log_record,
+    rank_zero_first,
+    resolve_model_path,
+    task_parser,
+)
+from .trainer import Trainer, TrainerArgs, seed_everything
+
+
+def build_parser():
+    parser = task_parser("pretrain", __doc__, model_path=SHORT_MODEL, max_seq_len=2048,
+                         batch_size=1, gradient_accumulation_steps=8, lr=5e-5, warmup_steps=500, epochs=10,
+                         val_check_interval=500, default_root_dir="./logs", project_name="Pretraining",
+                         best_metric="bpc", best_mode="min")
+    g = parser.add_argument_group("pretraining")
+    g.add_argument("--attention_window", type=int, default=512, help="window of a converted short model")
+    g.add_argument("--max_pos", type=int, default=2048, help="positions of a converted short model")
+    g.add_argument("--data_dir", default=None, help="WikiText-103 folder; None: --cache_dir")
+    g.add_argument("--cache_dir", default="./data", help="where the tokenized blocks are cached")
+    g.add_argument("--state_dict_path", default=None,
+                   help="weights of an earlier long model to start from (folder or .safetensors/.bin/.pt)")
+    g.add_argument("--copy_global_projections", action="store_true",
+                   help="copy the trained local q/k/v into the global projections before saving")
+    g.add_argument("--save_model_to", default="./data/long_model")
+    return parser
+
+
+# ---- model --------------------------------------------------------------------------------------
+def load_long_model(model_path: Path, max_pos: int, attention_window: int) -> tuple[LongformerForMaskedLM, bool]:
+    """(long MLM model, whether it was converted from a short one)."""
+    if read_config_json(model_path).get("model_type") == "longformer":
+        return LongformerForMaskedLM.from_pretrained(model_path), False
+    if not has_mlm_head(model_path):
+        raise TaskError(f"{model_path} has no MLM head (lm_head.* / cls.predictions.*): MLM pretraining "
+                        "needs the short model's ...ForMaskedLM weights")
+    return convert_to_long(model_path, max_pos, attention_window), True
+
+
+def load_weights(model: LongformerForMaskedLM, path: str | Path) -> None:
+    """Load --state_dict_path: a save_pretrained folder, or a file holding model.state_dict()."""
+    path = Path(path)
+    if path.is_dir():
+        state = read_state_dict(path)
+    elif path.suffix == ".safetensors":
+        state = load_file(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise TaskError(f"--state_dict_path {path} does not exist")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - set(model.tied_weights)  # save_pretrained writes tied tensors once
+    if missing or unexpected:
+        raise TaskError(f"--state_dict_path {path} does not fit the model: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+
+
+def copy_global_projections(folder: Path) -> None:
+    model = LongformerForMaskedLM.from_pretrained(folder)
+    state = model.state_dict()
+    copy_local_to_global(state)
+    model.load_state_dict(state)
+    model.save_pretrained(folder)
+
+
+# ---- data and metrics ---------------------------------------------------------------------------
+class FixedMaskBlocks(Dataset):
+    """Validation blocks, each masked with a generator seeded by its index: every evaluation (and
+    any number of ranks or batch size) scores the same masked tokens."""
+
+    def __init__(self, blocks, tokenizer, seed: int):
+        self.blocks, self.seed = blocks, seed
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.mask_token_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict:
+        ids = torch.as_tensor(self.blocks[index]["input_ids"], dtype=torch.long)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        masked, labels = mask_tokens(ids, torch.isin(ids, self.special_ids), self.mask_token_id,
+                                     self.vocab_size, generator=generator)
+        return {"input_ids": masked, "labels": labels}
+
+
+class PretrainCollator:
+    """Training blocks get fresh masks (MLMCollator); validation items come masked and are padded."""
+
+    def __init__(self, tokenizer):
+        self.mlm, self.pad_token_id = MLMCollator(tokenizer), tokenizer.pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        return pad_batch(features, self.pad_token_id) if "labels" in features[0] else self.mlm(features)
+
+
+def masked_nll(outputs, batch) -> dict:
+    """Sum of the masked tokens' negative log-likelihoods (nats) and their number."""
+    labels = batch["labels"].to(outputs.logits.device)
+    nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    return {"nll": nll.item(), "masked": (labels != -100).sum().item()}
+
+
+def bpc_metrics(split: WikiTextSplit):
+    """reduce_metrics for a split: BPC from the mean masked-token NLL (see data.wikitext)."""
+    def reduce(totals: dict) -> dict:
+        return {"bpc": bits_per_character(totals["nll"] / max(totals["masked"], 1), split.n_tokens, split.n_chars)}
+
+    return reduce
+
+
+def short_model_report(args, model_path: Path, tokenizer, collate) -> dict:
+    """The paper's reference point: the short model itself (full attention) on its own 512-token
+    blocks of the validation text -- loss and BPC, each rank scoring its share of the blocks (no
+    DeepSpeed: the short model is only evaluated)."""
+    from deepspeed.accelerator import get_accelerator
+
+    model, max_len = load_baseline(LongformerForMaskedLM, model_path)
+    with rank_zero_first():
+        split = load_wikitext(args.data_dir or args.cache_dir, tokenizer, max_len, args.cache_dir, ("validation",),
+                              args.num_workers or None)["validation"]
+    blocks = FixedMaskBlocks(split.blocks, tokenizer, args.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = get_accelerator().current_device_name()
+    model.to(device).eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss x examples, examples, nll, masked tokens
+    with torch.no_grad():
+        for batch in DataLoader(Subset(blocks, range(rank, len(blocks), world)), args.batch_size, collate_fn=collate):
+            outputs = model(**{k: v.to(device) for k, v in batch.items()})
+            n, stats = len(batch["input_ids"]), masked_nll(outputs, batch)
+            totals += torch.tensor([outputs.loss.item() * n, n, stats["nll"], stats["masked"]], dtype=torch.float64)
+    dist.all_reduce(totals)
+    loss_sum, n, nll, masked = totals.tolist()
+    # "loss" as the trainer defines it (sample-weighted mean of the batch losses), so the two compare.
+    metrics = {"loss": loss_sum / n, **bpc_metrics(split)({"nll": nll, "masked": masked})}
+    return {f"short_model/{k}": v for k, v in metrics.items()}
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    """Pretrain; returns the trainer's summary plus the step-0 report (``step0``, empty on resume)."""
+    args = build_parser().parse_args(argv)
+    model_path = resolve_model_path(args.model_path)
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_path)
+    seed_everything(args.seed)
+    model, converted = load_long_model(model_path, args.max_pos, args.attention_window)
+    if args.state_dict_path:
+        load_weights(model, args.state_dict_path)
+    if args.max_seq_len > model.config.max_tokens:
+        raise TaskError(f"--max_seq_len {args.max_seq_len} exceeds the long model's {model.config.max_tokens} "
+                        "positions (raise --max_pos when converting)")
+    tokenizer.model_max_length = model.config.max_tokens  # saved with the long model
+
+    with rank_zero_first():
+        data = load_wikitext(args.data_dir or args.cache_dir, tokenizer, args.max_seq_len, args.cache_dir,
+                             ("train", "validation"), args.num_workers or None)
+    collate = PretrainCollator(tokenizer)
+    val = FixedMaskBlocks(data["validation"].blocks, tokenizer, args.seed)
+    trainer = Trainer(model, TrainerArgs.from_namespace(args), data["train"].blocks, val, collate_fn=collate,
+                      compute_metrics=masked_nll, reduce_metrics=bpc_metrics(data["validation"]), tokenizer=tokenizer)
+    step0 = {}
+    if trainer.global_step == 0:  # not when resuming
+        step0 = trainer.evaluate(val)
+        if converted:
+            step0.update(short_model_report(args, model_path, tokenizer, collate))
+        log_record(trainer, step0)
+        if trainer.rank == 0:
+            print(json.dumps({"step": 0, "max_seq_len": args.max_seq_len, **step0}))
+
+    summary = trainer.fit()
+    save_to = Path(args.save_model_to)
+    trainer.export(save_to)
+    if trainer.rank == 0 and args.copy_global_projections:
+        copy_global_projections(save_to)
+    dist.barrier()  # the folder is complete on every rank's return
+    return {**summary, "step0": step0, "saved_model": str(save_to)}
+
+
+if __name__ == "__main__":
+    cli(main)

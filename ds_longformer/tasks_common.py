@@ -1,0 +1,155 @@
+"""Command-line glue shared by the task programs (pretrain, classify, wikihop).
+
+* ``task_parser(task, description, **defaults)``: the trainer's flags plus the flags every task has
+  (``--model_path``, ``--tokenizer_name``, ``--max_seq_len``), with the task's defaults.
+* ``resolve_model_path`` / ``load_tokenizer``: a local Hugging Face folder, or a hub name
+  (downloaded only where a network exists; nothing is fetched for a local folder).
+* ``load_longformer(cls, path, max_seq_len)``: a Longformer folder and the input length to use.
+  ``load_baseline(cls, path)``: the RoBERTa baseline -- the short model through our classes with
+  its own position table and a window spanning all of it (full attention, i.e. exactly RoBERTa),
+  inputs truncated to 512 tokens.
+* ``rank_zero_first()``: build a dataset cache on rank 0 before the other ranks read it.
+* ``log_record(trainer, metrics)``: extra records (the step-0 report, test metrics) in the run's
+  ``metrics.jsonl`` and TensorBoard, next to the trainer's validation records.
+* ``accuracy_stats`` / ``reduce_accuracy``: the trainer's metric hooks for label predictions.
+* ``cli(main)``: run a task's ``main`` as a program; user errors (a missing dataset, a malformed
+  file, a wrong model folder) print their message and exit with status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .checkpoint import read_config_json
+from .data import DataFormatError, DatasetNotFoundError
+from .trainer import add_trainer_args, init_distributed
+
+BASELINE_MAX_LEN = 512  # the RoBERTa baseline reads at most this many tokens (the paper's setting)
+SHORT_MODEL = "distilbert/distilroberta-base"  # the seed scripts' short model and tokenizer
+
+
+class TaskError(Exception):
+    """A user error the task reports as a message (wrong model folder, impossible lengths...)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default and the task's docstring as written."""
+
+
+def task_parser(task: str, description: str, **defaults) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m ds_longformer.{task}", description=description,
+                                     formatter_class=_HelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_path", default=None,
+                   help="a local Hugging Face folder, or a hub name where a network exists")
+    g.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub name; None: --model_path's")
+    g.add_argument("--max_seq_len", type=int, default=None, help="input length in tokens; None: the model's")
+    add_trainer_args(parser)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local folder as is; otherwise a hub name, fetched into the Hugging Face cache."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]))
+    except Exception as err:  # offline, unknown repo, gated...: the user needs the message, not the stack
+        raise TaskError(f"{name!r} is neither a local folder nor a model that could be fetched from the "
+                        f"Hugging Face hub ({type(err).__name__}: {err}); give a local save_pretrained folder")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(name)))
+
+
+def _model_type(path: Path) -> str | None:
+    return read_config_json(path).get("model_type")
+
+
+def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
+    """(model, input length) from a Longformer folder; the length defaults to the model's."""
+    path = resolve_model_path(str(path))
+    if _model_type(path) != "longformer":
+        raise TaskError(f"{path} holds a {_model_type(path)!r} model, not a Longformer: convert it first "
+                        f"(python -m ds_longformer.convert --source {path} --output DIR, or "
+                        "python -m ds_longformer.pretrain), then pass the long model's folder")
+    model = cls.from_pretrained(path, **overrides)
+    max_len = max_seq_len or model.config.max_tokens
+    if max_len > model.config.max_tokens:
+        raise TaskError(f"--max_seq_len {max_len} exceeds the {model.config.max_tokens} positions of {path}")
+    return model, max_len
+
+
+def load_baseline(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
+    """(model, input length) for the RoBERTa baseline: full attention over at most 512 tokens."""
+    path = resolve_model_path(str(path))
+    # A window of twice the position table covers every pair of tokens: full attention, computed
+    # by the dense backend (the blocked one would gather three 512-token blocks per block).
+    window = 2 * read_config_json(path)["max_position_embeddings"]
+    model = cls.from_pretrained(path, attention_window=window, attention_backend="dense", **overrides)
+    max_len = min(max_seq_len or BASELINE_MAX_LEN, BASELINE_MAX_LEN, model.config.max_tokens)
+    return model, max_len
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (e.g. tokenizes and writes a cache), then the other ranks do
+    (reading the cache). If rank 0 fails, the others still run it and fail the same way."""
+    rank, _ = init_distributed()
+    if rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if rank == 0:
+            dist.barrier()
+
+
+def log_record(trainer, metrics: dict, step: int | None = None) -> None:
+    """Append ``{"step", "epoch", **metrics}`` to metrics.jsonl and write the values to TensorBoard
+    (rank 0 only). As in the trainer's own records, an unprefixed name is a validation metric
+    (TensorBoard tag ``val/<name>``); a prefixed one (``test/f1``) is its own tag."""
+    if trainer.rank != 0:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = trainer.global_step if step is None else step
+    metrics = {k: float(v) for k, v in metrics.items()}
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    with (trainer.run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "epoch": trainer.epoch, **metrics}) + "\n")
+    with SummaryWriter(str(trainer.run_dir)) as writer:
+        for name, value in metrics.items():
+            writer.add_scalar(name if "/" in name else f"val/{name}", value, step)
+
+
+def accuracy_stats(outputs, batch) -> dict:
+    """Correct predictions and examples in a batch (``labels``: one class index per example)."""
+    labels = batch["labels"]
+    predictions = outputs.logits.argmax(-1).cpu()
+    return {"correct": (predictions == labels).sum().item(), "examples": len(labels)}
+
+
+def reduce_accuracy(totals: dict) -> dict:
+    return {"accuracy": totals["correct"] / max(totals["examples"], 1)}
+
+
+def cli(main, argv=None) -> None:
+    """Run ``main(argv)`` as a program: user errors become a message and exit status 1."""
+    try:
+        main(argv)
+    except (DatasetNotFoundError, DataFormatError, TaskError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

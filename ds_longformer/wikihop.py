@@ -1,0 +1,112 @@
+"""WikiHop multi-hop QA (QAngaroo v1.1): the Longformer against the RoBERTa baseline, as in the paper.
+
+    python -m ds_longformer.wikihop --longformer --model_path data/long_model \\
+        --train_data data/wikihop/train.json --val_data data/wikihop/dev.json
+    python -m ds_longformer.wikihop --model_path distilbert/distilroberta-base     # RoBERTa baseline
+    torchrun --nproc_per_node 4 -m ds_longformer.wikihop --longformer ... --deepspeed_config zero2
+
+Input (see ds_longformer.data.wikihop): the tokens [q] [/q] [ent] [/ent] are added (new embeddings
+drawn around the existing ones' mean and std);
+``<s> [q] question [/q] [ent] c1 [/ent] ... </s> support1 </s> support2 ...``; global attention on
+the whole question + candidates prefix; a linear score on each candidate's [ent] token. Documents
+longer than the input length (--max_seq_len, default the model's length; 512 for the baseline) are
+split into chunks that each repeat the prefix, and a candidate's scores are averaged over the
+chunks; cross-entropy over the candidates; metric: accuracy. --longformer needs a Longformer folder
+(ds_longformer.convert / ds_longformer.pretrain); without it the short model reads 512-token
+chunks with full attention. The tokenized examples are cached under --cache_dir.
+The saved models are Longformer folders (encoder ``longformer.*`` + the ``qa_score`` head) with the
+extended tokenizer; transformers' LongformerModel loads the encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import LongformerForCandidateScoring
+from .data.wikihop import WikiHopChunkDataset, add_wikihop_tokens, average_chunk_scores, collate_wikihop, load_wikihop
+from .model import ModelOutput
+from .tasks_common import (
+    SHORT_MODEL,
+    TaskError,
+    accuracy_stats,
+    cli,
+    load_baseline,
+    load_longformer,
+    load_tokenizer,
+    rank_zero_first,
+    reduce_accuracy,
+    task_parser,
+)
+from .trainer import Trainer, TrainerArgs, seed_everything
+
+
+class WikiHopModel(LongformerForCandidateScoring):
+    """The candidate scorer over chunked examples: each row of the batch is one chunk, and
+    ``chunk_to_example`` (rows,) says whose. Logits (examples, candidates) are the chunk scores
+    averaged per example; padded candidates (``candidate_mask`` False) get the dtype's minimum."""
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, candidate_positions=None,
+                chunk_to_example=None, candidate_mask=None, labels=None, token_type_ids=None) -> ModelOutput:
+        if chunk_to_example is None:
+            raise ValueError("WikiHopModel needs chunk_to_example (rows,): see data.wikihop.collate_wikihop")
+        chunk_scores = super().forward(input_ids, attention_mask, global_attention_mask, candidate_positions,
+                                       token_type_ids=token_type_ids)
+        logits = average_chunk_scores(chunk_scores.logits, chunk_to_example, candidate_mask)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits)
+
+
+class WikiHopCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features) -> dict:
+        batch = collate_wikihop(features, self.pad_token_id)
+        # The trainer counts a batch's samples along its first tensor: the per-example labels,
+        # not the per-chunk rows.
+        return {"labels": batch.pop("labels"), **batch}
+
+
+def build_parser():
+    parser = task_parser("wikihop", __doc__, lr=3e-5, weight_decay=0.01, epochs=5, batch_size=1,
+                         default_root_dir="./model/", val_check_interval=10, project_name="WikihopQA",
+                         best_metric="accuracy", best_mode="max")
+    g = parser.add_argument_group("wikihop")
+    g.add_argument("--train_data", default="data/wikihop/train.json")
+    g.add_argument("--val_data", default="data/wikihop/dev.json")
+    g.add_argument("--longformer", action="store_true",
+                   help="train the Longformer (--model_path: a Longformer folder); default: the RoBERTa "
+                        f"baseline (--model_path default {SHORT_MODEL})")
+    g.add_argument("--cache_dir", default="./data", help="where the tokenized examples are cached")
+    g.add_argument("--max_chunks", type=int, default=None, help="keep only the first N chunks of an example")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """Train; returns the trainer's summary."""
+    args = build_parser().parse_args(argv)
+    if args.longformer and not args.model_path:
+        raise TaskError("--longformer needs --model_path: the folder of a Longformer (e.g. the --save_model_to "
+                        "folder of ds_longformer.pretrain)")
+    model_path = args.model_path or SHORT_MODEL
+    tokenizer = load_tokenizer(args.tokenizer_name or model_path)
+    add_wikihop_tokens(tokenizer)
+    with rank_zero_first():  # data first: a missing file fails before any model is loaded
+        tokenized = {split: load_wikihop(path, tokenizer, args.cache_dir, args.num_workers or None)
+                     for split, path in (("train", args.train_data), ("val", args.val_data))}
+
+    seed_everything(args.seed)  # the scoring head and the new embedding rows
+    load_model = load_longformer if args.longformer else load_baseline
+    model, max_len = load_model(WikiHopModel, model_path, args.max_seq_len)
+    add_wikihop_tokens(tokenizer, model, generator=torch.Generator().manual_seed(args.seed))
+    train, val = (WikiHopChunkDataset(tokenized[split], tokenizer, max_len, args.max_chunks)
+                  for split in ("train", "val"))
+    trainer = Trainer(model, TrainerArgs.from_namespace(args), train, val,
+                      collate_fn=WikiHopCollator(tokenizer.pad_token_id), compute_metrics=accuracy_stats,
+                      reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,417 @@
+"""The task programs end to end: pretrain, classify, wikihop.
+
+Tiny random RoBERTa models (saved with transformers) and tiny dataset files in their published
+formats; each task runs a few steps in this process and at 2 CPU ranks under torchrun, and its
+run folder (TensorBoard events, metrics.jsonl) and saved Hugging Face folders are checked, the
+latter by loading them in transformers and comparing outputs with ours.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from data_fixtures import (
+    make_tiny_roberta_tokenizer,
+    make_wikihop_records,
+    write_hyperpartisan_xml,
+    write_imdb_parquet,
+    write_wikihop_json,
+    write_wikitext_raw,
+)
+from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+
+from ds_longformer import LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForSequenceClassification
+from ds_longformer import classify, pretrain, wikihop
+from ds_longformer.convert import convert
+from ds_longformer.data.wikihop import WIKIHOP_TOKENS, WikiHopFeatures, collate_wikihop
+from ds_longformer.tasks_common import TaskError, cli, load_baseline
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT_LEN = 64  # tokens the tiny "RoBERTa" reads
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def save_tiny_roberta(folder, tokenizer_dir, max_tokens=SHORT_LEN, layers=2, seed=0) -> Path:
+    """A random RobertaForMaskedLM saved by transformers, with the tokenizer: the short model."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=max_tokens + 2, type_vocab_size=1,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2)
+    RobertaForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    short = save_tiny_roberta(root / "short", make_tiny_roberta_tokenizer(root))
+    long = root / "long"
+    convert(short, long, max_pos=256, attention_window=32)
+    return SimpleNamespace(short=short, long=long)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def subprocess_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # in-process runs set them
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def run_two_ranks(module: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", module, *map(str, args)], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in run_dir.glob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    return tags
+
+
+def printed_records(stdout: str) -> list[dict]:
+    """The JSON lines a task printed (DeepSpeed prints its warnings to stdout too)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def trained_by_two_ranks(run_dir: Path) -> bool:
+    step = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return (run_dir / "checkpoints" / step / "rng_state_rank1.pt").is_file()
+
+
+def token_batch(tokenizer_dir, texts, **kw):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tokenizer(texts, padding=True, return_tensors="pt", **kw)
+
+
+def assert_same_outputs(ours, theirs, atol=1e-4):
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=1e-4)
+
+
+def check_masked_lm_folder(folder: Path):
+    """Loads in transformers without missing weights and computes what our model computes."""
+    hf, info = transformers.LongformerForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"]
+    batch = token_batch(folder, ["The game began development in 2010 .", "It met with positive sales ."])
+    with torch.no_grad():
+        theirs = hf.eval()(**batch).logits
+        ours = LongformerForMaskedLM.from_pretrained(folder).eval()(batch["input_ids"], batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert_same_outputs(ours[real], theirs[real])
+    return hf
+
+
+def check_classifier_folder(folder: Path):
+    hf, info = transformers.LongformerForSequenceClassification.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"]
+    batch = token_batch(folder, ["A wonderful film, superb acting.", "Dull and far too long."])
+    with torch.no_grad():
+        theirs = hf.eval()(**batch).logits  # transformers also puts global attention on <s>
+        ours = LongformerForSequenceClassification.from_pretrained(folder).eval()(
+            batch["input_ids"], batch["attention_mask"]).logits
+    assert_same_outputs(ours, theirs)
+
+
+# ---- the command lines --------------------------------------------------------------------------
+ISSUE_DEFAULTS = {
+    pretrain: dict(model_path="distilbert/distilroberta-base", max_seq_len=2048, attention_window=512, max_pos=2048,
+                   batch_size=1, gradient_accumulation_steps=8, lr=5e-5, warmup_steps=500, epochs=10,
+                   val_check_interval=500, save_model_to="./data/long_model", cache_dir="./data",
+                   state_dict_path=None, copy_global_projections=False, num_workers=0, max_steps=-1),
+    classify: dict(dataset="Hyperpartisan", model="Roberta", model_path=None, batch_size=8, lr=5e-5, epochs=3,
+                   gradient_accumulation_steps=1, val_check_interval=200, default_root_dir="./logs",
+                   project_name="Classification", max_seq_len=None),
+    wikihop: dict(train_data="data/wikihop/train.json", val_data="data/wikihop/dev.json", longformer=False,
+                  model_path=None, lr=3e-5, weight_decay=0.01, epochs=5, default_root_dir="./model/",
+                  val_check_interval=10, project_name="WikihopQA"),
+}
+COMMON_FLAGS = ("--model_path", "--tokenizer_name", "--deepspeed_config", "--batch_size",
+                "--gradient_accumulation_steps", "--lr", "--warmup_steps", "--epochs", "--max_steps",
+                "--val_check_interval", "--default_root_dir", "--project_name", "--seed", "--max_seq_len",
+                "--gradient_checkpointing", "--resume")
+
+
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_flags_and_defaults_are_the_issues(task, capsys):
+    args = vars(task.build_parser().parse_args([]))
+    assert {k: args[k] for k in ISSUE_DEFAULTS[task]} == ISSUE_DEFAULTS[task]
+    with pytest.raises(SystemExit) as exit_:
+        task.main(["--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in COMMON_FLAGS)
+
+
+def test_missing_dataset_is_a_message_not_a_traceback(tmp_path, models, capsys):
+    proc = subprocess.run([sys.executable, "-m", "ds_longformer.classify", "--dataset", "IMDB", "--data_dir", tmp_path],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "aclImdb" in proc.stderr and "Download" in proc.stderr
+
+    cases = [(pretrain.main, ["--model_path", models.short, "--data_dir", tmp_path, "--cache_dir", tmp_path / "c"],
+              "wiki.train.raw"),
+             (wikihop.main, ["--model_path", models.short, "--train_data", tmp_path / "train.json"], "train.json")]
+    for main, argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli(main, list(map(str, argv)))
+        assert exit_.value.code == 1
+        assert expected in capsys.readouterr().err
+
+
+def test_longformer_tasks_refuse_a_short_model(models, tmp_path, capsys):
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    with pytest.raises(SystemExit):
+        cli(classify.main, ["--model", "Longformer", "--model_path", str(models.short), "--data_dir", str(data)])
+    assert "not a Longformer: convert it first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(classify.main, ["--model", "Longformer", "--data_dir", str(data)])
+    assert "needs --model_path" in capsys.readouterr().err
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+def test_roberta_baseline_is_exactly_roberta(models):
+    model, max_len = load_baseline(LongformerForMaskedLM, models.short)
+    assert max_len == SHORT_LEN
+    batch = token_batch(models.short, ["Robert Boulter is an English film actor . " * 9, "Homarus gammarus ."],
+                        truncation=True, max_length=SHORT_LEN)
+    assert batch["input_ids"].shape[1] == SHORT_LEN  # the whole position table
+    with torch.no_grad():
+        theirs = RobertaForMaskedLM.from_pretrained(models.short).eval()(**batch).logits
+        ours = model.eval()(batch["input_ids"], batch["attention_mask"]).logits
+    mask = batch["attention_mask"].bool()
+    assert_same_outputs(ours[mask], theirs[mask])
+
+
+def test_state_dict_path_loads_a_folder_or_a_file(models, tmp_path):
+    earlier = LongformerForMaskedLM.from_pretrained(models.long)
+    with torch.no_grad():
+        for p in earlier.parameters():
+            p.add_(0.01)
+    earlier.save_pretrained(tmp_path / "folder")
+    torch.save(earlier.state_dict(), tmp_path / "weights.pt")
+    for source in (tmp_path / "folder", tmp_path / "weights.pt"):
+        model = LongformerForMaskedLM.from_pretrained(models.long)
+        pretrain.load_weights(model, source)
+        for (name, a), b in zip(model.state_dict().items(), earlier.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert model.lm_head.decoder.weight is model.longformer.embeddings.word_embeddings.weight
+
+    torch.save({k: v for k, v in earlier.state_dict().items() if "lm_head" not in k}, tmp_path / "encoder.pt")
+    with pytest.raises(TaskError, match="does not fit the model: missing"):
+        pretrain.load_weights(model, tmp_path / "encoder.pt")
+    with pytest.raises(TaskError, match="does not exist"):
+        pretrain.load_weights(model, tmp_path / "nothing.pt")
+
+
+def test_validation_masks_are_fixed_per_block(models):
+    tokenizer = AutoTokenizer.from_pretrained(models.short)
+    blocks = [{"input_ids": [0] + list(range(5, 300)) + [2]} for _ in range(3)]
+    a, b = pretrain.FixedMaskBlocks(blocks, tokenizer, seed=1), pretrain.FixedMaskBlocks(blocks, tokenizer, seed=1)
+    assert torch.equal(a[2]["labels"], b[2]["labels"]) and not torch.equal(a[1]["labels"], a[2]["labels"])
+    assert (a[0]["labels"] != -100).float().mean().item() == pytest.approx(0.15, abs=0.06)
+    assert a[0]["labels"][0] == a[0]["labels"][-1] == -100  # <s>, </s> never masked
+
+
+def test_classification_metrics():
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    stats = classify.classification_stats(SimpleNamespace(logits=logits), {"labels": torch.tensor([1, 0, 1, 0, 1])})
+    assert stats == {"correct": 3, "examples": 5, "tp": 2, "fp": 1, "fn": 1}
+    assert classify.reduce_classification({**stats, "samples": 5}) == {"accuracy": 0.6, "f1": pytest.approx(2 / 3)}
+
+
+def test_wikihop_scores_are_averaged_over_each_examples_chunks(models):
+    model = wikihop.WikiHopModel.from_pretrained(models.long).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def example(n_chunks, length, positions, label):
+        chunks = [{"input_ids": [0, *torch.randint(5, 300, (length - 2,), generator=g).tolist(), 2],
+                   "global_attention_mask": [1] * 8 + [0] * (length - 8)} for _ in range(n_chunks)]
+        return WikiHopFeatures("x", chunks, [positions] * n_chunks, label)
+
+    features = [example(3, 22, [1, 4, 6], 2), example(1, 15, [2, 5], 0)]  # the second one is padded
+    batch = collate_wikihop(features, pad_token_id=1)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if torch.is_tensor(v)})
+        # Each chunk alone through the plain (one row = one example) candidate scorer.
+        per_chunk = [LongformerForCandidateScoring.forward(
+            model, **{k: torch.tensor([v]) for k, v in chunk.items()}, candidate_positions=torch.tensor([positions])
+        ).logits[0] for f in features for chunk, positions in zip(f.chunks, f.candidate_positions)]
+    assert out.logits.shape == (2, 3)
+    torch.testing.assert_close(out.logits[0], torch.stack(per_chunk[:3]).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[1, :2], per_chunk[3], atol=1e-5, rtol=1e-5)
+    assert out.logits[1, 2] == torch.finfo(out.logits.dtype).min  # a padded candidate never wins
+    assert out.loss == torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+
+
+# ---- pretraining --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wikitext_dir(tmp_path_factory):
+    from data_fixtures import WIKITEXT_SPLITS
+
+    # Enough text for a few 128-token blocks per rank.
+    splits = {name: lines * (8 if name == "train" else 3) for name, lines in WIKITEXT_SPLITS.items()}
+    return write_wikitext_raw(tmp_path_factory.mktemp("wikitext"), splits)
+
+
+def pretrain_args(models, wikitext_dir, tmp_path, *extra):
+    return ["--model_path", models.short, "--data_dir", wikitext_dir, "--cache_dir", tmp_path / "cache",
+            "--default_root_dir", tmp_path, "--save_model_to", tmp_path / "long_model", "--max_pos", 256,
+            "--gradient_accumulation_steps", 1, "--batch_size", 2, "--lr", 1e-3, "--warmup_steps", 0,
+            "--max_steps", 4, "--val_check_interval", 2, *extra]
+
+
+def test_pretrain_one_process(models, wikitext_dir, tmp_path):
+    # Blocks as long as the short model's, and a window spanning them: the converted model is the
+    # short model, so their step-0 BPCs agree exactly.
+    argv = pretrain_args(models, wikitext_dir, tmp_path, "--max_seq_len", SHORT_LEN,
+                         "--attention_window", 2 * SHORT_LEN, "--copy_global_projections")
+    result = pretrain.main(list(map(str, argv)))
+
+    step0 = result["step0"]
+    assert step0["bpc"] == pytest.approx(step0["short_model/bpc"], rel=1e-5)
+    assert step0["loss"] == pytest.approx(step0["short_model/loss"], rel=1e-5)
+    assert 0 < step0["bpc"] < 10 and math.isfinite(step0["loss"])
+    run_dir = tmp_path / "Pretraining"
+    records = metrics(run_dir)
+    assert records[0]["step"] == 0 and {"loss", "bpc", "short_model/loss", "short_model/bpc"} <= records[0].keys()
+    assert [r["step"] for r in records[1:]] == [2, 4] and all("bpc" in r for r in records[1:])
+    assert records[-1]["loss"] < records[0]["loss"]  # lr 1e-3 on the training text lowers the loss
+    assert {"train/loss", "val/loss", "val/bpc", "short_model/bpc"} <= tensorboard_tags(run_dir)
+
+    hf = check_masked_lm_folder(tmp_path / "long_model")
+    for layer in hf.longformer.encoder.layer:  # --copy_global_projections
+        attention = layer.attention.self
+        assert torch.equal(attention.query.weight, attention.query_global.weight)
+        assert torch.equal(attention.value.bias, attention.value_global.bias)
+    assert hf.config.max_position_embeddings == 258 and hf.config.attention_window == [128, 128]
+    check_masked_lm_folder(run_dir / "final_model")
+    assert AutoTokenizer.from_pretrained(tmp_path / "long_model").model_max_length == 256
+
+
+def test_pretrain_two_ranks(models, wikitext_dir, tmp_path):
+    argv = pretrain_args(models, wikitext_dir, tmp_path, "--max_seq_len", 128, "--attention_window", 32,
+                         "--state_dict_path", models.long, "--deepspeed_config", "zero2")
+    proc = run_two_ranks("ds_longformer.pretrain", argv)
+
+    run_dir = tmp_path / "Pretraining"
+    assert trained_by_two_ranks(run_dir)
+    step0 = metrics(run_dir)[0]
+    # 128-token blocks with copied positions start near the short model on its 64-token blocks.
+    assert step0["step"] == 0 and step0["bpc"] == pytest.approx(step0["short_model/bpc"], rel=0.05)
+    [printed] = printed_records(proc.stdout)  # by rank 0 only
+    assert printed["short_model/bpc"] == step0["short_model/bpc"]
+    assert {"val/bpc", "short_model/bpc", "train/loss"} <= tensorboard_tags(run_dir)
+    check_masked_lm_folder(tmp_path / "long_model")
+
+
+# ---- classification -----------------------------------------------------------------------------
+def classify_args(tmp_path, *extra):
+    return ["--default_root_dir", tmp_path, "--batch_size", 2, "--lr", 1e-3, "--max_steps", 4,
+            "--val_check_interval", 2, *extra]
+
+
+def check_classification_run(run_dir: Path, stdout: str):
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [2, 4, 4]
+    assert all({"loss", "accuracy", "f1"} <= r.keys() for r in records[:2])
+    test = records[-1]
+    assert {"test/loss", "test/accuracy", "test/f1"} <= test.keys() and 0 <= test["test/accuracy"] <= 1
+    [printed] = printed_records(stdout)  # by rank 0 only
+    assert printed["test/accuracy"] == test["test/accuracy"]
+    assert {"train/loss", "val/accuracy", "val/f1", "test/accuracy", "test/f1"} <= tensorboard_tags(run_dir)
+    for folder in ("final_model", "best_model"):
+        check_classifier_folder(run_dir / folder)
+
+
+def test_classify_roberta_baseline_one_process(models, tmp_path, capsys):
+    data = write_imdb_parquet(tmp_path / "imdb")
+    result = classify.main(list(map(str, classify_args(
+        tmp_path, "--dataset", "IMDB", "--data_dir", data, "--model", "Roberta", "--model_path", models.short))))
+    check_classification_run(tmp_path / "Classification", capsys.readouterr().out)
+    assert result["test_metrics"]["test/accuracy"] == metrics(tmp_path / "Classification")[-1]["test/accuracy"]
+    config = json.loads((tmp_path / "Classification" / "final_model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_classify_longformer_two_ranks(models, tmp_path):
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    argv = classify_args(tmp_path, "--dataset", "Hyperpartisan", "--data_dir", data, "--model", "Longformer",
+                         "--model_path", models.long, "--batch_size", 1)
+    proc = run_two_ranks("ds_longformer.classify", argv)
+    run_dir = tmp_path / "Classification"
+    assert trained_by_two_ranks(run_dir)
+    check_classification_run(run_dir, proc.stdout)
+    assert printed_records(proc.stdout)[0]["max_seq_len"] == 256  # the long model's length
+
+
+# ---- WikiHop ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wikihop_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wikihop")
+    # 5 supports of 60 words: several chunks per example at the tiny models' lengths.
+    return (write_wikihop_json(root, make_wikihop_records(8, seed=1), name="train.json"),
+            write_wikihop_json(root, make_wikihop_records(4, seed=2), name="dev.json"))
+
+
+def wikihop_args(wikihop_files, tmp_path, *extra):
+    train, dev = wikihop_files
+    return ["--train_data", train, "--val_data", dev, "--cache_dir", tmp_path / "cache", "--default_root_dir", tmp_path,
+            "--batch_size", 2, "--lr", 1e-3, "--max_steps", 4, "--val_check_interval", 2, *extra]
+
+
+def check_wikihop_run(run_dir: Path, max_len: int):
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [2, 4] and all({"loss", "accuracy"} <= r.keys() for r in records)
+    assert {"train/loss", "val/loss", "val/accuracy"} <= tensorboard_tags(run_dir)
+    folder = run_dir / "final_model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert all(tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id for t in WIKIHOP_TOKENS)
+    hf = transformers.LongformerModel.from_pretrained(folder).eval()
+    assert hf.config.vocab_size == len(tokenizer)
+    text = "[q] place of birth [/q] [ent] north king [/ent] [ent] old river [/ent]</s> the river city ."
+    batch = tokenizer([text], return_tensors="pt")
+    assert batch["input_ids"].shape[1] <= max_len
+    global_mask = torch.zeros_like(batch["input_ids"])
+    global_mask[:, :12] = 1
+    with torch.no_grad():
+        theirs = hf(**batch, global_attention_mask=global_mask).last_hidden_state
+        ours = wikihop.WikiHopModel.from_pretrained(folder).eval().longformer(
+            batch["input_ids"], batch["attention_mask"], global_mask).last_hidden_state
+    assert_same_outputs(ours, theirs)
+
+
+def test_wikihop_longformer_one_process(models, wikihop_files, tmp_path):
+    wikihop.main(list(map(str, wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long,
+                                            "--max_seq_len", 96))))
+    check_wikihop_run(tmp_path / "WikihopQA", 96)
+
+
+def test_wikihop_roberta_baseline_two_ranks(models, wikihop_files, tmp_path):
+    run_two_ranks("ds_longformer.wikihop", wikihop_args(wikihop_files, tmp_path, "--model_path", models.short))
+    run_dir = tmp_path / "WikihopQA"
+    assert trained_by_two_ranks(run_dir)
+    check_wikihop_run(run_dir, SHORT_LEN)
