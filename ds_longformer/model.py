@@ -281,12 +281,21 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
                 token_type_ids=None) -> ModelOutput:
+        """Training with labels scores only the labelled (masked) positions: the same loss without
+        the (B, N, V) logits, which at N=4096 and V=50k cost more than the encoder layers; then
+        `.logits` is None. In eval mode, or without labels, `.logits` is (B, N, V) as usual."""
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
-        logits = self.lm_head(out.last_hidden_state)  # (B, N, V)
+        hidden = out.last_hidden_state  # (B, N, C)
+        if labels is not None and self.training and torch.is_grad_enabled():
+            scored = labels != -100
+            logits = self.lm_head(hidden[scored])  # (M, V), M = number of masked tokens
+            loss = F.cross_entropy(logits.float(), labels[scored]) if scored.any() else logits.sum() * 0.0
+            return ModelOutput(loss=loss, logits=None, last_hidden_state=hidden)
+        logits = self.lm_head(hidden)  # (B, N, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        return ModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state)
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden)
 
 
 def _cls_global_mask(input_ids: Tensor, global_attention_mask: Tensor | None) -> Tensor:

@@ -58,7 +58,7 @@ CASES = {
 @pytest.mark.parametrize("windows", [[8, 8], [4, 12]], ids=["same_window", "per_layer_windows"])
 def test_matches_transformers_forward_and_gradients(case, windows, tmp_path):
     torch.manual_seed(0)
-    model = LongformerForMaskedLM(tiny_config(attention_window=windows))
+    model = LongformerForMaskedLM(tiny_config(attention_window=windows)).eval()  # eval: full (B, N, V) logits
     hf = hf_twin(model, tmp_path, transformers.LongformerForMaskedLM)
     c = CASES[case]
     ids, am, gm = make_batch(c["B"], c["N"], c["pad_lengths"], c["globals_"])
@@ -115,7 +115,7 @@ def test_attention_module_matches_transformers_input_gradients(globals_, global_
 @pytest.mark.parametrize("globals_", [(), ([0, 11], [4, 5, 30])], ids=["no_global", "globals"])
 def test_backends_agree_forward_and_gradients(block, globals_):
     torch.manual_seed(0)
-    model = LongformerForMaskedLM(tiny_config(attention_window=[8, 6], attention_block_size=block))
+    model = LongformerForMaskedLM(tiny_config(attention_window=[8, 6], attention_block_size=block)).eval()
     ids, am, gm = make_batch(2, 43, (43, 31), globals_)
     labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
     results = {}
@@ -157,6 +157,26 @@ def test_cpu_flash_path_equals_sdpa_autograd_path(monkeypatch, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: ~1 ulp
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_training_mlm_loss_scores_only_masked_positions():
+    """In training mode the MLM head runs on the labelled rows only: same loss and gradients."""
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(tiny_config())
+    ids, am, gm = make_batch(2, 30, (30, 21), ([0], [4]))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+    losses, grads = [], []
+    for train in (True, False):
+        model.train(train)
+        model.zero_grad()
+        out = model(ids, am, gm, labels=labels)
+        assert (out.logits is None) == train
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert abs(losses[0] - losses[1]) < 1e-6
+    for name, g in grads[1].items():
+        assert (grads[0][name] - g).abs().max() < 1e-6, name
 
 
 def test_flex_refuses_backward_on_cpu():
