@@ -3,6 +3,12 @@
 Run on a GPU machine with `bash launch/gpu_check.sh` (which also runs the benchmarks).
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +69,24 @@ def test_low_precision_training_steps_stay_finite(dtype, backend):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_zero2_trainer_on_one_gpu(tmp_path, precision):
+    """The Trainer with ds_configs/zero2.json on one GPU (torch's AdamW instead of DeepSpeed's
+    FusedAdam, which would first be JIT-compiled): finite losses, finite trained weights."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "tests.trainer_helpers", "--deepspeed_config", "zero2", "--precision", precision,
+           "--max_steps", "4", "--ds_override", '{"optimizer": {"params": {"torch_adam": true}}}',
+           "--default_root_dir", str(tmp_path), "--dump", str(tmp_path / "dump")]
+    done = subprocess.run(cmd, cwd=repo, env={**env, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "dump" / "summary.json").read_text())
+    assert summary["global_step"] == 4 and torch.isfinite(torch.tensor(summary["train_loss"]))
+    state = json.loads(Path(summary["run_dir"], "checkpoints", "global_step4", "trainer_state.json").read_text())
+    assert state["zero_stage"] == 2
+    params = torch.load(tmp_path / "dump" / "params_rank0.pt")
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert torch.isfinite(torch.load(tmp_path / "dump" / "logits.pt")).all()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,35 +25,65 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm_rss_bytes() -> int:
+    """Peak RSS of this process since start or the last reset_peak_rss() (VmHWM).
+
+    Unlike ru_maxrss it does not start at the parent's peak: subprocess forks with vfork, and the
+    kernel carries the parent's high-water mark into the exec'd child's ru_maxrss.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss():
+    """Restart hwm_rss_bytes() from the current RSS (Linux: clear_refs 5 resets the high-water mark)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class PeakMemory:
+    """Memory of this process above a baseline taken at construction: RSS on CPU (measure it in a
+    fresh worker, see run_worker), allocated tensor bytes on CUDA."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.base = self.current()
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated() if self.device == "cuda" else rss_bytes()
+
+    def reset_peak(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.device == "cuda" else hwm_rss_bytes()
+
+
+def timed(fn, device: str):
+    """(seconds, fn's result): CPU time of this process on CPU, synchronized wall time on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+    t0 = time.process_time()
+    out = fn()
+    return time.process_time() - t0, out
 
 
 def measure(fn, device: str, repeats: int) -> dict:
     """Peak extra memory of the first call, then the median time of `repeats` more calls."""
+    memory = PeakMemory(device)
+    memory.reset_peak()
+    fn()
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_bytes()
-        fn()
-        peak = peak_rss_bytes() - base
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        else:
-            t0 = time.process_time()  # CPU time of this process: steady on a shared machine
-            fn()
-            times.append(time.process_time() - t0)
+    peak = memory.peak() - memory.base
+    times = [timed(fn, device)[0] for _ in range(repeats)]
     return {"time_s": statistics.median(times), "times_s": times, "peak_mib": max(peak, 0) / 2**20}
 
 

@@ -1,0 +1,307 @@
+"""Train-step benchmark: our LongformerForMaskedLM against transformers' under the same DeepSpeed engine.
+
+    python -m ds_longformer.benchmarks.train_step                           # CPU defaults (below)
+    python -m ds_longformer.benchmarks.train_step --precisions fp32 bf16 --checkpointing on
+    python -m ds_longformer.benchmarks.train_step --device cuda --precisions fp16 bf16
+
+One train step = forward with the MLM loss, backward, optimizer step (clipping, AdamW, lr schedule),
+driven exactly as the Trainer drives it (engine(**batch), engine.backward, engine.step), with the
+DeepSpeed config the Trainer builds (trainer.build_ds_config from --ds_config: ds_configs/cpu.json
+on CPU, zero2.json on CUDA) for both models. The optimizer is torch's AdamW (torch_adam) for both,
+so no DeepSpeed op is JIT-compiled.
+
+Both models have the same weights (ours is built from --seed, saved with save_pretrained and
+loaded by transformers.LongformerForMaskedLM.from_pretrained) and see the same batch: random
+tokens, <s> first with global attention (1 global token), 15% of the tokens masked as MLM labels.
+Attention dropout (--attention_dropout) is 0.1 for both, 0 when our backend is flex (it has none).
+
+Each (model, precision, checkpointing) runs in a fresh worker process: --warmup untimed steps
+(on CPU of --warmup_len tokens: they only have to allocate the optimizer state), then --steps
+timed steps; the median step time gives tokens/s. On CPU the clock is the worker's CPU time
+(steady on a shared machine; with --threads 1 it equals wall time on an idle core), on CUDA
+synchronized wall time. Memory: peak over the timed steps above the worker's memory before the
+model was built (peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA), so it counts weights,
+gradients, optimizer state and activations; "act" is the part above the state kept between steps.
+
+Defaults (CPU / CUDA): --layers 2 / 12, --precisions fp32 (+ bf16 where the CPU has native bf16:
+without avx512_bf16 or AMX, bf16 matmuls run several times slower than fp32) / fp16 bf16,
+--steps 3 / 5, --warmup 1 / 2, --warmup_len 512 / full length, --backend blocked / flex,
+--threads 1. The CPU defaults take about 6-7 minutes of CPU time (the LM head over 50265 words
+is more than half of each step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+from .common import PeakMemory, machine_description, matmul_rate, print_table, rss_bytes, run_worker, timed
+
+MODULE = "ds_longformer.benchmarks.train_step"
+BOS, EOS = 0, 2  # RoBERTa's <s> and </s>; <mask> is the last id of the vocabulary
+MASK_PROB = 0.15
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# ---- worker -------------------------------------------------------------------------------------
+def build_model(spec: dict) -> torch.nn.Module:
+    """Our model from spec['seed'], or transformers' model with the very same weights."""
+    from ds_longformer import LongformerConfig, LongformerForMaskedLM
+
+    torch.manual_seed(spec["seed"])
+    config = LongformerConfig(
+        vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"], intermediate_size=spec["intermediate"],
+        max_position_embeddings=spec["seq_len"] + 2, attention_window=spec["window"],
+        attention_backend=spec["backend"], attention_probs_dropout_prob=spec["attention_dropout"])
+    model = LongformerForMaskedLM(config)
+    if spec["impl"] == "hf":
+        import transformers
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = transformers.LongformerForMaskedLM.from_pretrained(folder)
+    if spec["checkpointing"]:
+        if spec["impl"] == "hf":  # recompute in backward, non-reentrant as ours
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable()
+    return model
+
+
+def make_batch(spec: dict, seq_len: int, device) -> dict:
+    g = torch.Generator().manual_seed(spec["seed"])
+    B, V = spec["batch"], spec["vocab"]
+    ids = torch.randint(3, V - 1, (B, seq_len), generator=g)
+    ids[:, 0], ids[:, -1] = BOS, EOS
+    masked = torch.rand(B, seq_len, generator=g) < MASK_PROB
+    masked[:, [0, -1]] = False
+    labels = torch.where(masked, ids, -100)
+    global_mask = torch.zeros_like(ids)
+    global_mask[:, 0] = 1  # <s>
+    batch = {"input_ids": ids.masked_fill(masked, V - 1), "attention_mask": torch.ones_like(ids),
+             "global_attention_mask": global_mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build_engine(model: torch.nn.Module, spec: dict, on_cpu: bool):
+    """deepspeed.initialize as the Trainer calls it: its config, parameter groups and schedule."""
+    import deepspeed
+    from transformers import get_linear_schedule_with_warmup
+
+    from ds_longformer.trainer import TrainerArgs, build_ds_config
+
+    args = TrainerArgs(deepspeed_config=spec["ds_config"], batch_size=spec["batch"], precision=spec["precision"],
+                       gradient_checkpointing=spec["checkpointing"])
+    total_steps = spec["warmup"] + spec["steps"]
+    config = build_ds_config(args, total_steps, on_cpu)
+    config["optimizer"]["params"]["torch_adam"] = True  # same optimizer everywhere, no JIT build
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=config,
+        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, 0, total_steps))
+    engine.train()  # from_pretrained leaves the model in eval mode (no dropout, no checkpointing)
+    return engine
+
+
+def train_step(engine, batch: dict) -> float:
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def watch_budget(memory: PeakMemory, budget: int, result: dict):
+    """CPU: end the worker as soon as its RSS passes the budget (the step does not fit; finishing
+    it would only cost time and memory on a shared machine). The final VmHWM check catches what
+    the 10 ms polling misses."""
+
+    def poll():
+        while True:
+            used = rss_bytes() - memory.base
+            if used > budget:
+                print(json.dumps({**result, "fits": False, "peak_mib": used / 2**20, "stopped": "over budget"}),
+                      flush=True)
+                os._exit(0)
+            time.sleep(0.01)
+
+    threading.Thread(target=poll, daemon=True).start()
+
+
+def worker(spec: dict):
+    import transformers
+
+    from ds_longformer.trainer import init_distributed
+
+    transformers.LongformerForMaskedLM  # import the lazy module now, outside the measured memory
+    device = spec["device"]
+    torch.set_num_threads(spec["threads"])
+    init_distributed()
+    budget = spec.get("budget_gib") and int(spec["budget_gib"] * 2**30)
+    if budget and device == "cuda":  # the allocator refuses past the budget, as a smaller GPU would
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+    memory = PeakMemory(device)
+    result = dict(spec)
+    try:
+        engine = build_engine(build_model(spec), spec, on_cpu=device == "cpu")
+        n = spec["seq_len"]
+        warm = make_batch(spec, min(spec["warmup_len"] or n, n), engine.device)
+        batch = make_batch(spec, n, engine.device)
+        if budget and device == "cpu":
+            watch_budget(memory, budget, result)
+        for _ in range(spec["warmup"]):
+            train_step(engine, warm)
+        memory.reset_peak()
+        steady = memory.current() - memory.base
+        times, losses = [], []
+        for _ in range(spec["steps"]):
+            seconds, loss = timed(lambda: train_step(engine, batch), device)
+            times.append(seconds)
+            losses.append(loss)
+    except torch.cuda.OutOfMemoryError:
+        result.update(error="out of memory", fits=False)
+        print(json.dumps(result))
+        return
+    peak = memory.peak() - memory.base
+    step_s = statistics.median(times)
+    result.update(step_s=step_s, times_s=times, tokens_per_s=spec["batch"] * n / step_s,
+                  loss=statistics.median(losses), peak_mib=peak / 2**20, steady_mib=steady / 2**20,
+                  act_mib=(peak - steady) / 2**20)
+    if budget:
+        result["fits"] = peak <= budget
+    print(json.dumps(result))
+
+
+# ---- driver -------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser):
+    """Model, data and engine flags shared with longest_sequence (None: per-device default)."""
+    p.add_argument("--layers", type=int, default=None, help="encoder layers (default 2 on CPU, 12 on CUDA)")
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--intermediate", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=50265)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--backend", choices=["blocked", "flex", "dense"], default=None,
+                   help="our attention backend (default blocked on CPU, flex on CUDA)")
+    p.add_argument("--attention_dropout", type=float, default=None,
+                   help="attention dropout of both models (default 0.1, 0 with the flex backend)")
+    p.add_argument("--ds_config", default=None, help="ds_configs name or path (default: the Trainer's, "
+                                                     "cpu on CPU, zero2 on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1 is the steadiest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker_timeout", type=float, default=3600, help="seconds before a worker is stopped")
+
+
+def base_spec(args) -> dict:
+    on_cpu = args.device == "cpu"
+    backend = args.backend or ("blocked" if on_cpu else "flex")
+    dropout = args.attention_dropout if args.attention_dropout is not None else 0.0 if backend == "flex" else 0.1
+    return dict(device=args.device, layers=args.layers or (2 if on_cpu else 12), hidden=args.hidden,
+                heads=args.heads, intermediate=args.intermediate, vocab=args.vocab, window=args.window,
+                batch=args.batch, backend=backend, attention_dropout=dropout, ds_config=args.ds_config,
+                threads=args.threads, seed=args.seed)
+
+
+def describe(spec: dict) -> str:
+    from ds_longformer.trainer import TrainerArgs, build_ds_config
+
+    cfg = build_ds_config(TrainerArgs(deepspeed_config=spec["ds_config"]), 1, spec["device"] == "cpu")
+    return (f"{spec['layers']} layers, hidden {spec['hidden']}, {spec['heads']} heads, intermediate "
+            f"{spec['intermediate']}, vocab {spec['vocab']}, window {spec['window']}, batch {spec['batch']}, "
+            f"1 global token; our backend {spec['backend']}, attention dropout {spec['attention_dropout']}; "
+            f"DeepSpeed ZeRO-{cfg['zero_optimization']['stage']}, torch AdamW")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default fp32 (+ bf16 with native CPU bf16) on CPU, fp16 bf16 on CUDA")
+    p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="gradient checkpointing settings to measure")
+    p.add_argument("--impls", nargs="+", choices=["ours", "hf"], default=["ours", "hf"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps (median reported; default 3 CPU, 5 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 CUDA)")
+    p.add_argument("--warmup_len", type=int, default=None,
+                   help="tokens of the warm-up steps (default 512 on CPU, the full length on CUDA)")
+    p.add_argument("--json", default="train_step_benchmark.json", help="where to write all results")
+    add_model_args(p)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    on_cpu = args.device == "cpu"
+    native_bf16 = on_cpu and cpu_has_native_bf16()
+    precisions = args.precisions or (["fp32", "bf16"] if native_bf16 else ["fp32"] if on_cpu else ["fp16", "bf16"])
+    if on_cpu and "fp16" in precisions:
+        p.error("fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
+    spec0 = dict(base_spec(args), seq_len=args.seq_len, steps=args.steps or (3 if on_cpu else 5),
+                 warmup=args.warmup if args.warmup is not None else (1 if on_cpu else 2),
+                 warmup_len=args.warmup_len if args.warmup_len is not None else (512 if on_cpu else 0))
+    machine = machine_description(args.device, args.threads)
+    print(f"# {machine}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# {describe(spec0)}; N={args.seq_len}; median of {spec0['steps']} steps after {spec0['warmup']} "
+          f"warm-up; time = {'CPU' if on_cpu else 'wall'} seconds")
+    if on_cpu and args.precisions is None and not native_bf16:
+        rates = {d: matmul_rate("cpu", getattr(torch, d)) / 1e9 for d in ("float32", "bfloat16")}
+        print(f"# bf16 not measured by default: this CPU has no native bf16 (matmul {rates['bfloat16']:.0f} "
+              f"GFLOP/s in bf16 vs {rates['float32']:.0f} in fp32); add --precisions fp32 bf16 to measure it")
+
+    rows = []
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M"), "config": describe(spec0),
+                       "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}, f, indent=2)
+
+    for precision in precisions:
+        for ckpt in args.checkpointing:
+            for impl in args.impls:
+                spec = dict(spec0, impl=impl, precision=precision, checkpointing=ckpt == "on")
+                res = run_worker(MODULE, spec, args.threads, timeout=args.worker_timeout)
+                rows.append(dict(res, ckpt=ckpt))
+                status = res.get("error") or f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_mib']:.0f} MiB"
+                print(f"  measured {impl:4s} {precision} checkpointing {ckpt}: {status}", flush=True)
+                save()  # a run stopped midway keeps what it measured
+
+    # Ratios ours / hf, measured in this run.
+    for row in rows:
+        ref = next((r for r in rows if r["impl"] == "hf" and r["precision"] == row["precision"]
+                    and r["ckpt"] == row["ckpt"] and "error" not in r), None)
+        if ref and "error" not in row:
+            row["speed_vs_hf"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            row["mem_vs_hf"] = row["peak_mib"] / ref["peak_mib"]
+    print_table(rows, [("impl", "model", "s"), ("precision", "precision", "s"), ("ckpt", "ckpt", "s"),
+                       ("seq_len", "N", "d"), ("step_s", "step s", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
+                       ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("loss", "loss", ".3f"),
+                       ("speed_vs_hf", "speed vs hf", ".2f"), ("mem_vs_hf", "mem vs hf", ".2f")])
+    for row in rows:
+        if "error" in row:
+            print(f"  {row['impl']} {row['precision']} checkpointing {row['ckpt']}: {row['error']}")
+    save()
+    print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

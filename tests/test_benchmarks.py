@@ -1,0 +1,129 @@
+"""Benchmark CLIs at tiny sizes on CPU: each runs, prints its table and writes JSON of the expected
+shape (no timing assertions). Also the longest-sequence search and launch/gpu_check.sh.
+The CLI runs are independent and start together (fixture `cli`), so the file takes about as long
+as the slowest of them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_longformer.benchmarks import longest_sequence
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--hidden", "32", "--heads", "2"]
+TINY_MODEL = [*TINY, "--layers", "1", "--intermediate", "64", "--vocab", "100", "--window", "16"]
+
+
+# Independent CLI runs, all started at once by the `cli` fixture: name -> (benchmark, flags).
+RUNS = {
+    "attention": ("attention", [*TINY, "--seq_lens", "64", "--windows", "16", "--impls", "hf", "blocked",
+                                "--repeats", "1"]),
+    "train_step": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "on", "--steps", "1",
+                                  "--warmup", "1", "--warmup_len", "32"]),
+    "longest": ("longest_sequence", [*TINY_MODEL, "--start", "64", "--max_len", "64", "--budget_gib", "2",
+                                     "--warmup_len", "32"]),
+    "over_budget": ("longest_sequence", [*TINY_MODEL, "--impls", "ours", "--start", "16", "--budget_gib", "0.001"]),
+    "fp16_on_cpu": ("train_step", ["--device", "cpu", "--precisions", "fp16"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Start every run of RUNS at once; cli(name) waits for one and returns (returncode, stdout,
+    stderr, its JSON or None)."""
+    folder = tmp_path_factory.mktemp("benchmarks")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = {}
+    for name, (module, flags) in RUNS.items():
+        cmd = [sys.executable, "-m", f"ds_longformer.benchmarks.{module}", *flags,
+               "--json", str(folder / f"{name}.json")]
+        with open(folder / f"{name}.out", "w") as out, open(folder / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+
+    def result(name: str):
+        returncode = procs[name].wait(timeout=300)
+        json_path = folder / f"{name}.json"
+        data = json.loads(json_path.read_text()) if json_path.is_file() else None
+        return returncode, (folder / f"{name}.out").read_text(), (folder / f"{name}.err").read_text(), data
+
+    yield result
+    for proc in procs.values():  # a failed test may leave runs (and their workers) behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_attention_cli(cli):
+    returncode, stdout, stderr, result = cli("attention")
+    assert returncode == 0, stderr[-3000:]
+    assert "fwd+bwd ms" in stdout
+    rows = result["rows"]
+    assert [r["impl"] for r in rows] == ["hf", "blocked"]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
+    assert "speedup_vs_hf" in rows[1] and "mem_vs_hf" in rows[1]
+
+
+def test_train_step_cli(cli):
+    returncode, stdout, stderr, result = cli("train_step")
+    assert returncode == 0, stderr[-3000:]
+    assert "tokens/s" in stdout and "speed vs hf" in stdout
+    assert {"machine", "date", "config", "args", "rows"} <= set(result)
+    ours, hf = result["rows"]
+    assert (ours["impl"], hf["impl"]) == ("ours", "hf")
+    for row in (ours, hf):
+        assert "error" not in row, row.get("error")
+        assert row["precision"] == "fp32" and row["ckpt"] == "on" and row["seq_len"] == 64
+        assert row["tokens_per_s"] > 0 and row["peak_mib"] > 0 and len(row["times_s"]) == 1
+        assert torch.isfinite(torch.tensor(row["loss"]))
+    assert ours["speed_vs_hf"] > 0 and ours["mem_vs_hf"] > 0
+    assert hf["speed_vs_hf"] == pytest.approx(1.0)
+
+
+def test_train_step_refuses_fp16_on_cpu(cli):
+    returncode, _, stderr, _ = cli("fp16_on_cpu")
+    assert returncode == 2 and "fp16 needs a GPU" in stderr
+
+
+def test_longest_sequence_cli(cli):
+    returncode, stdout, stderr, result = cli("longest")
+    assert returncode == 0, stderr[-3000:]
+    assert "longest ours: 64" in stdout and "ratio ours/hf: >= 1.00" in stdout
+    assert result["longest"] == {"ours": 64, "hf": 64} and result["ratio"] == 1.0
+    assert [(t["impl"], t["seq_len"], t["fits"]) for t in result["tries"]] == [("ours", 64, True), ("hf", 64, True)]
+    assert all(0 < t["peak_mib"] <= 2 * 1024 for t in result["tries"])
+
+
+def test_longest_sequence_stops_a_worker_over_budget(cli):
+    returncode, stdout, stderr, result = cli("over_budget")
+    assert returncode == 0, stderr[-3000:]
+    assert "longest ours: none" in stdout
+    (attempt,) = result["tries"]
+    assert attempt["fits"] is False and attempt["stopped"] == "over budget"
+
+
+def test_search_doubles_while_it_fits_and_halves_while_it_does_not(monkeypatch):
+    def fake_worker(module, spec, threads, timeout):
+        return {**spec, "fits": spec["seq_len"] <= limit}
+
+    monkeypatch.setattr(longest_sequence, "run_worker", fake_worker)
+    for limit, expected, lengths in [(20000, 16384, [4096, 8192, 16384, 32768]),
+                                     (70000, 65536, [4096, 8192, 16384, 32768, 65536]),  # stops at max_len
+                                     (3000, 2048, [4096, 2048]),
+                                     (100, None, [4096, 2048, 1024, 512])]:  # not below min_len
+        longest, tries = longest_sequence.search({"threads": 1}, 4096, 65536, 512, 60, report=lambda r: None)
+        assert longest == expected and [t["seq_len"] for t in tries] == lengths
+
+
+def test_gpu_check_script(tmp_path):
+    script = REPO / "launch" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("runs the whole GPU check on a GPU machine")
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert done.returncode == 0 and "no CUDA GPU" in done.stdout
