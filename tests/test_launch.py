@@ -64,7 +64,8 @@ def test_slurm_script_starts_one_torchrun_per_node(tmp_path):
         (tmp_path / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (tmp_path / name).chmod(0o755)
     env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]",
-           "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "123", "SLURM_CPUS_PER_TASK": "32"}
+           "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "123", "SLURM_CPUS_PER_TASK": "32",
+           "OMP_NUM_THREADS": ""}  # empty = unset: the script derives it from the CPUs per task
     proc = bash("launch/slurm.sh", *TASK, env=env)
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout.strip().splitlines()[-1])
