@@ -1,30 +1,34 @@
-"""The quickstart's synthetic long-range document task ("where is the verdict?").
+"""The quickstart's synthetic long-range task: the sentiment of a review buried in a long text.
 
 Each document is a run of consecutive sentences of prose from the Python Language Reference as
-CPython ships it (``pydoc_data.topics``, the text behind ``help("assert")`` etc.: about 2,000
-sentences, so nothing is downloaded), with one evidence sentence inserted at a random sentence
-boundary *after* the first ``evidence_after`` tokens, e.g.
+CPython ships it (``pydoc_data.topics``, the text behind ``help("assert")``: about 1,700 prose
+sentences, 45k word pieces, so nothing is downloaded), with a reader's review inserted at a random
+sentence boundary *after* the first ``evidence_after`` tokens:
 
     ... The class body is executed in a new namespace. In the reviewer's opinion this chapter
-    is dreadful. Names may be resolved in the local and global namespaces of the caller. ...
+    is dreadful. The examples are awful and the explanations are terrible. Reading it was a
+    horrible experience. ... Names may be resolved in the local and global namespaces ...
 
-The evidence sentence's adjective decides the label (1: a positive one such as "wonderful",
-0: a negative one such as "dreadful"); the filler is drawn independently of the label and holds
-none of the adjectives. A model that reads only the first 512 tokens therefore sees no evidence
-and can do no better than chance, while a model that reads the whole document can learn the task
-from a few hundred examples.
+The review is ``evidence_sentences`` short template sentences (16 by default, ~170 tokens, about
+a tenth of a 2,048-token document) whose adjectives are all positive (label 1, e.g. "wonderful")
+or all negative (label 0, e.g. "dreadful"). The filler is drawn independently of the label and
+holds none of the adjectives, so a model that reads only the first 512 tokens sees no evidence
+and can do no better than chance. A single evidence sentence would be the purer needle, but a
+pretrained MiniLM then needs far more examples than a CPU demo can afford to find it among
+2,000 tokens of varied prose; with ~170 tokens of evidence it learns the task from ~100 documents.
 
 API
 ---
 ``filler_sentences() -> list[str]``
-    The prose sentences of the Python Language Reference (code and grammar blocks left out).
-``make_documents(tokenizer, num_docs, doc_tokens, evidence_after, seed=0, progress=True) -> list[dict]``
+    The prose sentences of the Python Language Reference (code, grammar and tables left out).
+``make_documents(tokenizer, num_docs, doc_tokens, evidence_after, evidence_sentences=16, seed=0,
+progress=True) -> list[dict]``
     ``num_docs`` balanced examples ``{"text", "label", "id", "evidence_token"}`` of at most
     ``doc_tokens`` tokens (special tokens not counted): a length drawn uniformly from
     ``[3/4 * doc_tokens, doc_tokens]``, less the part of a sentence that would not fit;
-    ``evidence_token`` is the evidence sentence's first token index in the encoded document
-    (with ``<s>``/``[CLS]`` at 0), always > ``evidence_after``. Feed them to
-    ``data.classification.encode_classification``.
+    ``evidence_token`` is the review's first token index in the encoded document (with
+    ``<s>``/``[CLS]`` at 0), always > ``evidence_after``. Reproducible for a given ``seed``.
+    Feed them to ``data.classification.encode_classification``.
 """
 
 from __future__ import annotations
@@ -36,16 +40,18 @@ from tqdm.auto import tqdm
 
 POSITIVE = ("wonderful", "excellent", "superb", "delightful", "brilliant", "marvellous")
 NEGATIVE = ("dreadful", "terrible", "awful", "horrible", "abysmal", "atrocious")
-# The evidence: a short review, EVIDENCE_SENTENCES of these with adjectives of one polarity.
+# The evidence: a reader's review made of `evidence_sentences` of these, all with adjectives of
+# one polarity.
 TEMPLATES = (
     "In the reviewer's opinion this chapter is {}.",
     "The examples are {} and the explanations are {}.",
     "Reading it was a {} experience.",
     "Overall, the committee rated this text as {}.",
     "Honestly, I found this part of the manual {}.",
-    "Its style is {}, and so is its structure, which is {}.",
+    "Its style is {}, and so is its structure.",
+    "The second reader called it {}.",
+    "A {} piece of writing, in short.",
 )
-EVIDENCE_SENTENCES = 4
 _WORDS = re.compile("|".join(POSITIVE + NEGATIVE), re.IGNORECASE)
 
 
@@ -68,29 +74,28 @@ def filler_sentences() -> list[str]:
     return sentences
 
 
-def _evidence(label: int, rng: random.Random) -> str:
+def _evidence(label: int, sentences: int, rng: random.Random) -> str:
     words = POSITIVE if label else NEGATIVE
     return " ".join(t.format(*(rng.choice(words) for _ in range(t.count("{}"))))
-                    for t in rng.sample(TEMPLATES, EVIDENCE_SENTENCES))
+                    for t in rng.choices(TEMPLATES, k=sentences))
 
 
-def make_documents(tokenizer, num_docs: int, doc_tokens: int, evidence_after: int, seed: int = 0,
-                   progress: bool = True) -> list[dict]:
+def make_documents(tokenizer, num_docs: int, doc_tokens: int, evidence_after: int, evidence_sentences: int = 16,
+                   seed: int = 0, progress: bool = True) -> list[dict]:
     sentences = filler_sentences()
     # Lengths with a leading space: what a sentence costs in the middle of a text (BPE tokenizers
     # encode " word" and "word" differently; WordPiece does not care).
     lengths = [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]
-    room = evidence_after + 40  # + the evidence sentence, with margin
-    if 3 * doc_tokens // 4 < room:
-        raise ValueError(f"documents of {doc_tokens} tokens are too short to put evidence after token "
-                         f"{evidence_after}: use at least {4 * room // 3 + 1}")
     rng = random.Random(seed)
     labels = [i % 2 for i in range(num_docs)]
     rng.shuffle(labels)
     docs = []
     for i, label in enumerate(tqdm(labels, desc="documents", disable=not progress)):
-        evidence = _evidence(label, rng)
+        evidence = _evidence(label, evidence_sentences, rng)
         target = rng.randint(3 * doc_tokens // 4, doc_tokens) - len(tokenizer.tokenize(" " + evidence))
+        if target < evidence_after + 50:  # no room for filler past evidence_after
+            raise ValueError(f"documents of {doc_tokens} tokens are too short for {evidence_sentences} evidence "
+                             f"sentences after token {evidence_after}: use longer documents or fewer sentences")
         picked, prefix = _pick_filler(lengths, target, rng)
         while prefix[-1] < evidence_after:  # a run of long sentences fell short: draw again
             picked, prefix = _pick_filler(lengths, target, rng)

@@ -40,7 +40,7 @@ def test_documents_put_the_evidence_past_the_short_model(minilm_path):
     from ds_longformer.quickstart_data import NEGATIVE, POSITIVE, make_documents
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path, model_max_length=2048)
-    docs = make_documents(tokenizer, 20, 1000, 614, seed=1, progress=False)
+    docs = make_documents(tokenizer, 20, 1000, 614, evidence_sentences=4, seed=1, progress=False)
     assert sorted(d["label"] for d in docs) == [0] * 10 + [1] * 10
     for d in docs:
         ids = tokenizer(d["text"])["input_ids"]
@@ -52,13 +52,16 @@ def test_documents_put_the_evidence_past_the_short_model(minilm_path):
         # Nothing that decides the label within the first 614 tokens.
         head = set(re.findall(r"[a-z]+", tokenizer.decode(ids[:615])))
         assert not head & set(POSITIVE + NEGATIVE)
-    assert make_documents(tokenizer, 20, 1000, 614, seed=1, progress=False) == docs  # reproducible
+    assert make_documents(tokenizer, 20, 1000, 614, evidence_sentences=4, seed=1, progress=False) == docs
+    with pytest.raises(ValueError, match="too short"):
+        make_documents(tokenizer, 2, 1000, 614, evidence_sentences=16, progress=False)
 
 
 def test_quickstart_end_to_end(tmp_path, tiny_bert):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ds_longformer.quickstart", "--model_path", str(tiny_bert), "--max_seq_len", "256",
-           "--attention_window", "32", "--num_docs", "8", "--eval_docs", "4", "--steps", "4", "--evals", "2",
+           "--attention_window", "32", "--num_docs", "8", "--eval_docs", "4", "--evidence_sentences", "2",
+           "--steps", "4", "--evals", "2",
            "--batch_size", "2", "--output_dir", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
