@@ -1,6 +1,6 @@
 """Offline quickstart: show on a real pretrained model that long context pays off.
 
-    python -m ds_longformer.quickstart                  # ~N minutes on a 2-core CPU, no downloads
+    python -m ds_longformer.quickstart                  # no flags, no downloads, no GPU
     bash launch/quickstart.sh                           # the same under the deepspeed launcher
 
 Four steps, each ending with a one-line result:
