@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# In-process runs of other tests leave these set (the trainer's single-process rendezvous): a child
+# must pick its own.
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def test_quickstart_end_to_end(tmp_path, tiny_bert):
            "--attention_window", "32", "--num_docs", "8", "--eval_docs", "4", "--evidence_sentences", "2",
            "--steps", "4", "--evals", "2",
            "--batch_size", "2", "--output_dir", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = clean_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = proc.stdout
@@ -94,7 +102,7 @@ def test_quickstart_end_to_end(tmp_path, tiny_bert):
 
 
 def test_launch_script_picks_the_deepspeed_launcher():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": ""}  # empty = unset
+    env = clean_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="")  # empty = unset
     proc = subprocess.run(["bash", "launch/quickstart.sh", "--dry-run", "--steps", "3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
