@@ -94,8 +94,10 @@ class Reporter:
         self.step_started = time.perf_counter()
         self.print(f"\n[{self.step}/{self.n_steps}] {title}")
 
-    def result(self, line: str) -> None:
-        self.print(f"  => {line}  ({time.perf_counter() - self.step_started:.0f} s)")
+    def result(self, line: str, since: float | None = None) -> None:
+        """The step's (or, from `since`, a part's) one-line result with its wall time."""
+        started = self.step_started if since is None else since
+        self.print(f"  => {line}  ({time.perf_counter() - started:.0f} s)")
 
     def print(self, line: str = "") -> None:
         if self.enabled:
@@ -189,7 +191,8 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
         ax_acc.plot(steps, accs, "o-", color=color, label=label)
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (faint: per step)", title="Training loss")
     ax_acc.axhline(0.5, color="gray", linestyle=":", label="chance")
-    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1.02), title="Held-out accuracy")
+    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", xlim=ax_loss.get_xlim(), ylim=(0, 1.02),
+               title="Held-out accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -261,6 +264,7 @@ def main(argv=None) -> dict:
     rows, curves = [], {}
     for name, (label, folder, tok, overrides, max_len) in runs.items():
         report.print(f"  {name}: {label}")
+        run_started = time.perf_counter()
         summary = fine_tune(name, folder, *encoded[name], tok, args, **overrides)
         if rank == 0:
             c = curves[label] = read_curves(Path(summary["run_dir"]))
@@ -270,7 +274,7 @@ def main(argv=None) -> dict:
                          "train_time_s": train_time, "tokens_per_s": tokens / train_time,
                          "run_dir": summary["run_dir"]})
             report.result(f"{name}: held-out accuracy {rows[-1]['accuracy']:.1%} after {summary['global_step']} "
-                          f"steps, final training loss {summary['train_loss']:.3f}")
+                          f"steps, final training loss {summary['train_loss']:.3f}", since=run_started)
 
     report.begin("Results")
     results = {"rows": rows, "eval_docs": args.eval_docs, "train_docs": args.num_docs, "steps": args.steps,
