@@ -25,7 +25,7 @@ RUNS = {
     "attention": ("attention", [*TINY, "--seq_lens", "64", "--windows", "16", "--impls", "hf", "blocked",
                                 "--repeats", "1"]),
     "train_step": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "on", "--steps", "1",
-                                  "--warmup", "1", "--warmup_len", "32"]),
+                                  "--warmup", "1", "--warmup_len", "32", "--rounds", "2"]),
     "longest": ("longest_sequence", [*TINY_MODEL, "--start", "64", "--max_len", "64", "--budget_gib", "2",
                                      "--warmup_len", "32"]),
     "over_budget": ("longest_sequence", [*TINY_MODEL, "--impls", "ours", "--start", "16", "--budget_gib", "0.001"]),
@@ -72,8 +72,10 @@ def test_train_step_cli(cli):
     returncode, stdout, stderr, result = cli("train_step")
     assert returncode == 0, stderr[-3000:]
     assert "tokens/s" in stdout and "speed vs hf" in stdout
-    assert {"machine", "date", "config", "args", "rows"} <= set(result)
+    assert {"machine", "date", "config", "args", "rows", "runs"} <= set(result)
+    assert [(r["impl"], r["round"]) for r in result["runs"]] == [("ours", 0), ("hf", 0), ("ours", 1), ("hf", 1)]
     ours, hf = result["rows"]
+    assert ours["rounds"] == hf["rounds"] == 2
     assert (ours["impl"], hf["impl"]) == ("ours", "hf")
     for row in (ours, hf):
         assert "error" not in row, row.get("error")

@@ -138,7 +138,7 @@ def test_backends_agree_forward_and_gradients(block, globals_):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_flash_path_equals_sdpa_autograd_path(monkeypatch, dtype):
+def test_cpu_chunked_path_equals_sdpa_autograd_path(monkeypatch, dtype):
     """The chunked CPU kernel path (no stored key blocks) against plain SDPA autograd over blocks."""
     import ds_longformer.attention as attention
 
@@ -149,7 +149,7 @@ def test_cpu_flash_path_equals_sdpa_autograd_path(monkeypatch, dtype):
     q, k, v = (torch.randn(B, N, H, D, dtype=dtype) for _ in range(3))
     results = []
     for flash in (True, False):
-        monkeypatch.setattr(attention, "CPU_FLASH", flash)
+        monkeypatch.setattr(attention, "CPU_CHUNKED", flash)
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out = attention.blocked_local_attention(*leaves, AttentionLayout.build(am, gm), 8, 4, 0.0)
         out.float().pow(2).sum().backward()
@@ -157,6 +157,86 @@ def test_cpu_flash_path_equals_sdpa_autograd_path(monkeypatch, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: ~1 ulp
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
+
+
+def _chunked_dropout_reference(q, k, v, layout, window, block, p, seed):
+    """The chunked CPU path with dropout written with autograd ops (same chunks, same masks)."""
+    from ds_longformer.attention import _block_geometry, _blocked_mask, _Blocks, _chunks, dropout_keep
+
+    B, N, H, D = q.shape
+    _, b, halo, n = _block_geometry(N, window, block)
+    blocks = _Blocks(B, N, H, D, b, halo, n, layout.global_idx)
+    mask = _blocked_mask(layout, window, b).view(B, n, 1, b, -1)
+    kg, vg = blocks.global_rows(k), blocks.global_rows(v)
+    out = torch.zeros_like(q)
+    for i0, i1 in _chunks(n, b):
+        qc = blocks.chunk_queries(q, i0, i1)
+        scores = qc @ blocks.chunk_keys(k, kg, i0, i1).transpose(-1, -2) / D ** 0.5
+        scores = scores.masked_fill(~mask[:, i0:i1].flatten(0, 1), float("-inf"))
+        multipliers = []
+        for m in range(scores.shape[0]):  # block m of the chunk: seed + B * i0 + m
+            keep, scale = dropout_keep(scores[m: m + 1].shape, p, seed + B * i0 + m)
+            multipliers.append(keep * scale)
+        probs = scores.softmax(-1) * torch.cat(multipliers)
+        blocks.write_rows(out, probs @ blocks.chunk_keys(v, vg, i0, i1), i0, i1)
+    return out
+
+
+def test_cpu_dropout_path_matches_autograd_reference(monkeypatch):
+    """Attention dropout inside the chunked CPU path: hand-written backward (probabilities from
+    the log-sum-exp, dropout mask drawn again from its seed) == autograd over the same maths."""
+    import ds_longformer.attention as attention
+
+    monkeypatch.setattr(attention, "CHUNK_TOKENS", 8)
+    B, N, H, D = 2, 45, 2, 8
+    _, am, gm = make_batch(B, N, (N, 30), ([0, 44], [3]))
+    layout = AttentionLayout.build(am, gm)
+    q, k, v = (torch.randn(B, N, H, D) for _ in range(3))
+    results = []
+    for fn in ("ours", "reference"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        torch.manual_seed(7)
+        if fn == "ours":
+            out = attention.blocked_local_attention(*leaves, layout, 8, 4, 0.3)
+        else:
+            seed = int(torch.randint(0, 2**62, ()))  # what blocked_local_attention draws
+            out = _chunked_dropout_reference(*leaves, layout, 8, 4, 0.3, seed)
+        out.pow(2).sum().backward()
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(8)  # another seed, another mask
+    other = attention.blocked_local_attention(q, k, v, layout, 8, 4, 0.3)
+    assert (other - results[0][0]).abs().max() > 1e-3
+
+
+def test_attention_dropout_mask_statistics():
+    """Kept with probability 1 - p (p quantised to 1/65536), kept values scaled by 1 / (1 - p),
+    so the expected output equals the output without dropout."""
+    from ds_longformer.attention import blocked_local_attention, dropout_keep
+
+    torch.manual_seed(0)
+    keep, scale = dropout_keep(torch.Size([1000, 1000]), 0.1, seed=3)
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs(keep.mean().item() - 0.9) < 0.002
+    assert scale == 1 / (1 - 6554 / 65536)
+    assert torch.equal(keep, dropout_keep(torch.Size([1000, 1000]), 0.1, seed=3)[0])
+    assert not torch.equal(keep, dropout_keep(torch.Size([1000, 1000]), 0.1, seed=4)[0])
+    assert dropout_keep(torch.Size([100000]), 0.5, seed=0)[0].mean().item() == pytest.approx(0.5, abs=0.01)
+    assert dropout_keep(torch.Size([100000]), 1e-6, seed=0)[0].min() == 1  # rounds to p = 0
+    with pytest.raises(ValueError, match="dropout"):
+        dropout_keep(torch.Size([10]), 1.0, seed=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LongformerSelfAttention(32, 4, 8, dropout=1.0)
+
+    _, am, gm = make_batch(1, 40, (), ([0],))
+    layout = AttentionLayout.build(am, gm)
+    q, k, v = (torch.randn(1, 40, 2, 8) for _ in range(3))
+    plain = blocked_local_attention(q, k, v, layout, 8, None, 0.0)
+    mean = torch.stack([blocked_local_attention(q, k, v, layout, 8, None, 0.5) for _ in range(400)]).mean(0)
+    one = blocked_local_attention(q, k, v, layout, 8, None, 0.5)
+    # the error of the 400-sample mean shrinks as 1 / sqrt(400) against one sample's
+    assert (mean - plain).abs().mean() < 0.1 * (one - plain).abs().mean()
 
 
 def test_training_mlm_loss_scores_only_masked_positions():
@@ -197,15 +277,17 @@ def test_bf16_softmax_stays_finite_and_close():
 
 
 def test_gradient_checkpointing_same_gradients():
+    """With dropout on: the recomputed forward must draw the same dropout masks (attention and hidden)."""
     torch.manual_seed(0)
-    model = LongformerForMaskedLM(tiny_config())
+    model = LongformerForMaskedLM(tiny_config(attention_probs_dropout_prob=0.2, hidden_dropout_prob=0.1)).train()
     ids, am, gm = make_batch(2, 30, (30, 20), ([0], [1]))
     labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
+    torch.manual_seed(1)
     model(ids, am, gm, labels=labels).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.gradient_checkpointing_enable()
-    model.train()
+    torch.manual_seed(1)
     model(ids, am, gm, labels=labels).loss.backward()
     for n, g in plain.items():
         assert (dict(model.named_parameters())[n].grad - g).abs().max() < 1e-6, n

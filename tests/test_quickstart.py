@@ -101,6 +101,14 @@ def test_quickstart_end_to_end(tmp_path, tiny_bert):
         assert not (out / run / "checkpoints").exists()
 
 
+def test_help_lists_the_scaling_flags():
+    proc = subprocess.run([sys.executable, "-m", "ds_longformer.quickstart", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--max_seq_len", "--num_docs", "--steps", "--model_path", "--output_dir"):
+        assert flag in proc.stdout
+
+
 def test_launch_script_picks_the_deepspeed_launcher():
     env = clean_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="")  # empty = unset
     proc = subprocess.run(["bash", "launch/quickstart.sh", "--dry-run", "--steps", "3"], cwd=REPO, env=env,

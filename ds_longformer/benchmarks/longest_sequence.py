@@ -78,7 +78,7 @@ def main(argv=None):
         p.error("fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
     budget = args.budget_gib or (4.0 if on_cpu else 16.0)
     max_len = args.max_len or (32768 if on_cpu else 131072)
-    spec0 = dict(base_spec(args), precision=precision, checkpointing=True, steps=1, warmup=1,
+    spec0 = dict(base_spec(args), precision=precision, checkpointing=True, steps=0, warmup=1,
                  warmup_len=args.warmup_len, budget_gib=budget)
     machine = machine_description(args.device, args.threads)
     print(f"# {machine}; {time.strftime('%Y-%m-%d %H:%M')}")
@@ -107,8 +107,7 @@ def main(argv=None):
     rows = [dict(r, fit="yes" if r["fits"] else "no", note=r.get("error") or r.get("stopped"))
             for r in result["tries"]]
     print_table(rows, [("impl", "model", "s"), ("seq_len", "N", "d"), ("fit", "fits", "s"),
-                       ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("step_s", "step s", ".1f"),
-                       ("note", "note", "s")])
+                       ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("note", "note", "s")])
     longest = result["longest"]
     capped = {impl for impl, n in longest.items() if n is not None and n * 2 > max_len}
     for impl, n in longest.items():

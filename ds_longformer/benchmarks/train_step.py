@@ -16,17 +16,19 @@ tokens, <s> first with global attention (1 global token), 15% of the tokens mask
 Attention dropout (--attention_dropout) is 0.1 for both, 0 when our backend is flex (it has none).
 
 Each (model, precision, checkpointing) runs in a fresh worker process: --warmup untimed steps
-(on CPU of --warmup_len tokens: they only have to allocate the optimizer state), then --steps
-timed steps; the median step time gives tokens/s. On CPU the clock is the worker's CPU time
-(steady on a shared machine; with --threads 1 it equals wall time on an idle core), on CUDA
-synchronized wall time. Memory: peak over the timed steps above the worker's memory before the
-model was built (peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA), so it counts weights,
-gradients, optimizer state and activations; "act" is the part above the state kept between steps.
+(on CPU of --warmup_len tokens: they only have to allocate the optimizer state), one full-length
+step for memory, then --steps timed steps; the median step time gives tokens/s. On CPU the clock
+is the worker's CPU time (steady on a shared machine; with --threads 1 it equals wall time on an
+idle core), on CUDA synchronized wall time. Memory: peak of the memory step above the worker's
+memory before the model was built (peak RSS on CPU, under the malloc settings of
+common.malloc_for; torch.cuda.max_memory_allocated on CUDA), so it counts weights, gradients,
+optimizer state and activations; "act" is the part above the state kept between steps.
+--rounds repeats every worker, interleaved ours/hf, and the table gives medians over rounds.
 
 Defaults (CPU / CUDA): --layers 2 / 12, --precisions fp32 (+ bf16 where the CPU has native bf16:
 without avx512_bf16 or AMX, bf16 matmuls run several times slower than fp32) / fp16 bf16,
 --steps 3 / 5, --warmup 1 / 2, --warmup_len 512 / full length, --backend blocked / flex,
---threads 1. The CPU defaults take about 6-7 minutes of CPU time (the LM head over 50265 words
+--threads 1, --rounds 2. The CPU defaults take about 13 minutes of CPU time (the LM head over 50265 words
 is more than half of each step).
 """
 
@@ -42,7 +44,8 @@ import time
 
 import torch
 
-from .common import PeakMemory, machine_description, matmul_rate, print_table, rss_bytes, run_worker, timed
+from .common import (PeakMemory, machine_description, malloc_for, matmul_rate, print_table, rss_bytes, run_worker,
+                     timed)
 
 MODULE = "ds_longformer.benchmarks.train_step"
 BOS, EOS = 0, 2  # RoBERTa's <s> and </s>; <mask> is the last id of the vocabulary
@@ -170,7 +173,10 @@ def worker(spec: dict):
             train_step(engine, warm)
         memory.reset_peak()
         steady = memory.current() - memory.base
-        times, losses = [], []
+        losses = [train_step(engine, batch)]  # the memory step (see common.malloc_for)
+        peak = memory.peak() - memory.base
+        malloc_for("time")
+        times = []
         for _ in range(spec["steps"]):
             seconds, loss = timed(lambda: train_step(engine, batch), device)
             times.append(seconds)
@@ -179,11 +185,11 @@ def worker(spec: dict):
         result.update(error="out of memory", fits=False)
         print(json.dumps(result))
         return
-    peak = memory.peak() - memory.base
-    step_s = statistics.median(times)
-    result.update(step_s=step_s, times_s=times, tokens_per_s=spec["batch"] * n / step_s,
-                  loss=statistics.median(losses), peak_mib=peak / 2**20, steady_mib=steady / 2**20,
+    result.update(loss=statistics.median(losses), peak_mib=peak / 2**20, steady_mib=steady / 2**20,
                   act_mib=(peak - steady) / 2**20)
+    if times:
+        step_s = statistics.median(times)
+        result.update(step_s=step_s, times_s=times, tokens_per_s=spec["batch"] * n / step_s)
     if budget:
         result["fits"] = peak <= budget
     print(json.dumps(result))
@@ -231,6 +237,33 @@ def describe(spec: dict) -> str:
             f"DeepSpeed ZeRO-{cfg['zero_optimization']['stage']}, torch AdamW")
 
 
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (impl, precision, ckpt): medians over rounds of tokens/s and memory, and the
+    median and range of the per-round ratios to hf (each ratio within one round)."""
+    rows = []
+    for run in runs:
+        key = (run["impl"], run["precision"], run["ckpt"])
+        if "error" in run or any((r["impl"], r["precision"], r["ckpt"]) == key for r in rows):
+            continue
+        same = [r for r in runs if (r["impl"], r["precision"], r["ckpt"]) == key and "error" not in r]
+        row = dict(run, rounds=len(same))
+        for field in ("step_s", "tokens_per_s", "peak_mib", "act_mib", "loss"):
+            row[field] = statistics.median(r[field] for r in same)
+        ratios = []
+        for r in same:
+            ref = next((h for h in runs if h["impl"] == "hf" and h["round"] == r["round"] and "error" not in h
+                        and (h["precision"], h["ckpt"]) == key[1:]), None)
+            if ref:
+                ratios.append((r["tokens_per_s"] / ref["tokens_per_s"], r["peak_mib"] / ref["peak_mib"]))
+        if ratios:
+            row["speed_vs_hf"] = statistics.median(x for x, _ in ratios)
+            row["mem_vs_hf"] = statistics.median(m for _, m in ratios)
+            row["speed_range"] = f"{min(x for x, _ in ratios):.2f}-{max(x for x, _ in ratios):.2f}"
+        rows.append(row)
+    rows += [r for r in runs if "error" in r]
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +275,8 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", choices=["ours", "hf"], default=["ours", "hf"])
     p.add_argument("--steps", type=int, default=None, help="timed steps (median reported; default 3 CPU, 5 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 CUDA)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="times each worker runs, interleaved ours/hf; medians reported (default 2)")
     p.add_argument("--warmup_len", type=int, default=None,
                    help="tokens of the warm-up steps (default 512 on CPU, the full length on CUDA)")
     p.add_argument("--json", default="train_step_benchmark.json", help="where to write all results")
@@ -268,34 +303,33 @@ def main(argv=None):
         print(f"# bf16 not measured by default: this CPU has no native bf16 (matmul {rates['bfloat16']:.0f} "
               f"GFLOP/s in bf16 vs {rates['float32']:.0f} in fp32); add --precisions fp32 bf16 to measure it")
 
-    rows = []
+    rows, runs = [], []
 
     def save():
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M"), "config": describe(spec0),
-                       "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}, f, indent=2)
+                       "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows,
+                       "runs": runs}, f, indent=2)
 
-    for precision in precisions:
-        for ckpt in args.checkpointing:
-            for impl in args.impls:
-                spec = dict(spec0, impl=impl, precision=precision, checkpointing=ckpt == "on")
-                res = run_worker(MODULE, spec, args.threads, timeout=args.worker_timeout)
-                rows.append(dict(res, ckpt=ckpt))
-                status = res.get("error") or f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_mib']:.0f} MiB"
-                print(f"  measured {impl:4s} {precision} checkpointing {ckpt}: {status}", flush=True)
-                save()  # a run stopped midway keeps what it measured
-
-    # Ratios ours / hf, measured in this run.
-    for row in rows:
-        ref = next((r for r in rows if r["impl"] == "hf" and r["precision"] == row["precision"]
-                    and r["ckpt"] == row["ckpt"] and "error" not in r), None)
-        if ref and "error" not in row:
-            row["speed_vs_hf"] = row["tokens_per_s"] / ref["tokens_per_s"]
-            row["mem_vs_hf"] = row["peak_mib"] / ref["peak_mib"]
+    # Rounds interleave the implementations (ours, hf, ours, hf, ...) so that each ratio compares
+    # workers that ran minutes apart, not a whole benchmark apart; the table gives medians.
+    for round_ in range(args.rounds):
+        for precision in precisions:
+            for ckpt in args.checkpointing:
+                for impl in args.impls:
+                    spec = dict(spec0, impl=impl, precision=precision, checkpointing=ckpt == "on")
+                    res = run_worker(MODULE, spec, args.threads, timeout=args.worker_timeout)
+                    runs.append(dict(res, ckpt=ckpt, round=round_))
+                    status = res.get("error") or f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_mib']:.0f} MiB"
+                    print(f"  round {round_ + 1}/{args.rounds}: {impl:4s} {precision} checkpointing {ckpt}: {status}",
+                          flush=True)
+                    save()  # a run stopped midway keeps what it measured
+    rows[:] = summarize(runs)
     print_table(rows, [("impl", "model", "s"), ("precision", "precision", "s"), ("ckpt", "ckpt", "s"),
                        ("seq_len", "N", "d"), ("step_s", "step s", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("loss", "loss", ".3f"),
-                       ("speed_vs_hf", "speed vs hf", ".2f"), ("mem_vs_hf", "mem vs hf", ".2f")])
+                       ("speed_vs_hf", "speed vs hf", ".2f"), ("speed_range", "per round", "s"),
+                       ("mem_vs_hf", "mem vs hf", ".2f")])
     for row in rows:
         if "error" in row:
             print(f"  {row['impl']} {row['precision']} checkpointing {row['ckpt']}: {row['error']}")
