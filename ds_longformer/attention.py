@@ -190,14 +190,14 @@ class _Blocks:
     def chunk_queries(self, x: Tensor, i0: int, i1: int) -> Tensor:
         """Rows of query blocks [i0, i1) of x (B, N, H, D): (B * (i1 - i0), H, b, D), zero padded."""
         rows = x[:, i0 * self.b: i1 * self.b]
-        rows = F.pad(rows, (0, 0, 0, 0, 0, (i1 - i0) * self.b - rows.shape[1]))
+        rows = _pad_tokens(rows, 0, (i1 - i0) * self.b - rows.shape[1])
         return rows.view(self.B, i1 - i0, self.b, self.H, self.D).transpose(2, 3).flatten(0, 1)
 
     def chunk_keys(self, x: Tensor, x_global: Tensor, i0: int, i1: int) -> Tensor:
         """Keys of query blocks [i0, i1) read from x (B, N, H, D): (B * (i1 - i0), H, span + G, D)."""
         lo, hi = i0 * self.b - self.halo, i1 * self.b + self.halo
         rows = x[:, max(lo, 0): min(hi, self.N)]
-        rows = F.pad(rows, (0, 0, 0, 0, max(0, -lo), hi - lo - rows.shape[1] - max(0, -lo)))
+        rows = _pad_tokens(rows, max(0, -lo), hi - lo - rows.shape[1] - max(0, -lo))
         x_blocks = rows.view(self.B, -1, self.b, self.H, self.D).transpose(2, 3)
         return self.keys(x_blocks, x_global, 0, i1 - i0).flatten(0, 1)
 
@@ -223,6 +223,11 @@ class _Blocks:
             idx = self.global_idx[:, :, None, None].expand(-1, -1, self.H, self.D)
             grad.scatter_add_(1, idx, grad_global.transpose(1, 2))  # in place: the buffer is ours
         return grad
+
+
+def _pad_tokens(x: Tensor, before: int, after: int) -> Tensor:
+    """Zero tokens around x (B, n, H, D); interior chunks need none and skip F.pad's copy."""
+    return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
 
 
 class NeighbourBlocks(torch.autograd.Function):
