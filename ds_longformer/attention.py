@@ -11,9 +11,11 @@ Three interchangeable backends compute the local part (the global rows are alway
 (G x N) attention computed the same way):
   * "blocked": pure PyTorch. The sequence is cut into query blocks of `block` tokens; each block
     attends to its own and `ceil(w / block)` neighbouring key blocks on each side (gathered with
-    `unfold`, an element mask keeps |i - j| <= w) plus the global keys. Each block is one
+    shifted slices, an element mask keeps |i - j| <= w) plus the global keys. Each block is one
     `scaled_dot_product_attention` call batched over blocks, so time and memory are
-    O(N * (window + block + G)): linear in sequence length and in window size.
+    O(N * (window + block + G)): linear in sequence length and in window size. On CPU the same
+    blocks are walked in chunks by CpuChunkedBandAttention (the CPU flash kernel; with attention
+    dropout, matmul + softmax per block with a re-drawable dropout mask), storing no gathered keys.
   * "flex": FlexAttention with a BlockMask (fused kernel on CUDA under torch.compile; on CPU this
     torch has no backward, so it serves inference only).
   * "dense": full N x N scores with a band mask; the O(N^2) reference for tests.
