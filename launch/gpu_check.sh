@@ -68,7 +68,7 @@ run_step tests 150 python -m pytest -q -m cuda tests/test_cuda.py
 run_step attention 80 $BENCH.attention --device cuda --dtype float16 --impls hf blocked flex \
     --seq_lens 4096 --windows 512 --globals 1 --repeats 5 --threads 4 --json "$OUT_DIR/attention.json"
 run_step train_step 220 $BENCH.train_step --device cuda --layers 12 --seq_len 4096 --precisions fp16 bf16 \
-    --checkpointing off on --steps 5 --warmup 2 --threads 4 --json "$OUT_DIR/train_step.json"
+    --checkpointing off on --steps 5 --warmup 2 --rounds 1 --threads 4 --json "$OUT_DIR/train_step.json"
 run_step attention_long 100 $BENCH.attention --device cuda --dtype float16 --impls hf blocked flex \
     --seq_lens 16384 32768 --windows 512 --globals 1 --repeats 3 --threads 4 --json "$OUT_DIR/attention_long.json"
 run_step longest 150 $BENCH.longest_sequence --device cuda --layers 12 --precision bf16 --budget_gib 16 \
