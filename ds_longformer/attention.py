@@ -278,7 +278,7 @@ class CpuChunkedBandAttention(torch.autograd.Function):
         B, H, b, n = blocks.B, blocks.H, blocks.b, blocks.n_blocks
         k_global, v_global = blocks.global_rows(k), blocks.global_rows(v)
         out = torch.empty_like(q)
-        lse = q.new_empty(B, n, H, b, dtype=torch.float32)
+        lse = None if dropout_p else q.new_empty(B, n, H, b, dtype=torch.float32)  # the flash backward's
         for i0, i1 in _chunks(n, b):
             qc, kc, vc = (blocks.chunk_queries(q, i0, i1), blocks.chunk_keys(k, k_global, i0, i1),
                           blocks.chunk_keys(v, v_global, i0, i1))
@@ -419,7 +419,7 @@ def blocked_local_attention(
         return CpuChunkedBandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask_blocks, blocks,
                                              dropout_p, seed)
 
-    # Elsewhere (CUDA, float64): SDPA with autograd over all blocks at once.
+    # Elsewhere (CUDA; on CPU, dtypes other than fp32/bf16): SDPA with autograd over all blocks at once.
     q_blocks = blocks.pad(q).flatten(0, 1)  # (B * n_blocks, H, b, D)
     out = F.scaled_dot_product_attention(
         q_blocks, NeighbourBlocks.apply(k, blocks).flatten(0, 1), NeighbourBlocks.apply(v, blocks).flatten(0, 1),

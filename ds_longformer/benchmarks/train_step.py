@@ -17,7 +17,8 @@ Attention dropout (--attention_dropout) is 0.1 for both, 0 when our backend is f
 
 Each (model, precision, checkpointing) runs in a fresh worker process: --warmup untimed steps
 (on CPU of --warmup_len tokens: they only have to allocate the optimizer state), one full-length
-step for memory, then --steps timed steps; the median step time gives tokens/s. On CPU the clock
+step for memory, then --steps timed steps (the first also regrows the heap under the timing
+malloc settings; the median leaves it out); the median step time gives tokens/s. On CPU the clock
 is the worker's CPU time (steady on a shared machine; with --threads 1 it equals wall time on an
 idle core), on CUDA synchronized wall time. Memory: peak of the memory step above the worker's
 memory before the model was built (peak RSS on CPU, under the malloc settings of
@@ -240,28 +241,24 @@ def describe(spec: dict) -> str:
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (impl, precision, ckpt): medians over rounds of tokens/s and memory, and the
     median and range of the per-round ratios to hf (each ratio within one round)."""
-    rows = []
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = (run["impl"], run["precision"], run["ckpt"])
-        if "error" in run or any((r["impl"], r["precision"], r["ckpt"]) == key for r in rows):
-            continue
-        same = [r for r in runs if (r["impl"], r["precision"], r["ckpt"]) == key and "error" not in r]
-        row = dict(run, rounds=len(same))
+        if "error" not in run:
+            groups.setdefault((run["impl"], run["precision"], run["ckpt"]), []).append(run)
+    hf = {(r["precision"], r["ckpt"], r["round"]): r for r in runs if r["impl"] == "hf" and "error" not in r}
+    rows = []
+    for (_, precision, ckpt), same in groups.items():
+        row = dict(same[0], rounds=len(same))
         for field in ("step_s", "tokens_per_s", "peak_mib", "act_mib", "loss"):
             row[field] = statistics.median(r[field] for r in same)
-        ratios = []
-        for r in same:
-            ref = next((h for h in runs if h["impl"] == "hf" and h["round"] == r["round"] and "error" not in h
-                        and (h["precision"], h["ckpt"]) == key[1:]), None)
-            if ref:
-                ratios.append((r["tokens_per_s"] / ref["tokens_per_s"], r["peak_mib"] / ref["peak_mib"]))
-        if ratios:
-            row["speed_vs_hf"] = statistics.median(x for x, _ in ratios)
-            row["mem_vs_hf"] = statistics.median(m for _, m in ratios)
-            row["speed_range"] = f"{min(x for x, _ in ratios):.2f}-{max(x for x, _ in ratios):.2f}"
+        pairs = [(r, hf[precision, ckpt, r["round"]]) for r in same if (precision, ckpt, r["round"]) in hf]
+        if pairs:
+            speed = [r["tokens_per_s"] / ref["tokens_per_s"] for r, ref in pairs]
+            row["speed_vs_hf"] = statistics.median(speed)
+            row["mem_vs_hf"] = statistics.median(r["peak_mib"] / ref["peak_mib"] for r, ref in pairs)
+            row["speed_range"] = f"{min(speed):.2f}-{max(speed):.2f}"
         rows.append(row)
-    rows += [r for r in runs if "error" in r]
-    return rows
+    return rows + [r for r in runs if "error" in r]
 
 
 def main(argv=None):
