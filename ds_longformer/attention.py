@@ -86,27 +86,64 @@ def global_rows_attention(qg: Tensor, kg: Tensor, vg: Tensor, layout: AttentionL
     return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_ok, dropout_p=dropout_p)
 
 
-def global_rows_attention_absorbed(qg: Tensor, hidden: Tensor, key_global: nn.Linear, value_global: nn.Linear,
-                                   layout: AttentionLayout, dropout_p: float) -> Tensor:
-    """The same result as projecting every token with key_global/value_global, for O(H G N C)
-    instead of O(N C^2): the projections are folded into the G queries and the G outputs.
+class AbsorbedGlobalRows(torch.autograd.Function):
+    """The global rows with all three global projections folded in: O(H G N C) work instead of the
+    O(N C^2) of projecting every token with key_global/value_global.
 
       score[g, n] = qg[g] . (Wk x[n] + bk) = (Wk^T qg[g]) . x[n] + const(g)   (const cancels in softmax)
       out[g]      = sum_n p[g, n] (Wv x[n] + bv) = Wv (sum_n p[g, n] x[n]) + (sum_n p[g, n]) bv
 
-    qg: (B, H, G, D); hidden: (B, N, C). Returns (B, H, G, D).
+    A hand-written backward so that every path back to the hidden states (the score and context
+    products and the gathered global rows) lands in one (B, N, C) gradient: autograd would make
+    three N x C tensors and add them.
     """
-    B, H, G, D = qg.shape
-    C = hidden.shape[-1]
-    w_k = key_global.weight.view(H, D, C)
-    w_v = value_global.weight.view(H, D, C)
-    q_in = torch.einsum("bhgd,hdc->bhgc", qg, w_k)  # queries moved into the hidden space
-    scores = torch.einsum("bhgc,bnc->bhgn", q_in, hidden).float() / math.sqrt(D)
-    scores = scores.masked_fill(~layout.valid[:, None, None, :], float("-inf"))
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p).to(hidden.dtype)  # (B, H, G, N)
-    context = torch.einsum("bhgn,bnc->bhgc", probs, hidden)
-    out = torch.einsum("bhgc,hdc->bhgd", context, w_v)
-    return out + probs.sum(-1, keepdim=True) * value_global.bias.view(1, H, 1, D)
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, w_q: Tensor, b_q: Tensor, w_k: Tensor, w_v: Tensor, b_v: Tensor,
+                layout: AttentionLayout, num_heads: int, dropout_p: float) -> Tensor:
+        B, N, C = hidden.shape
+        G, H = layout.num_global, num_heads
+        D = C // H
+        rows = layout.global_idx[:, :, None].expand(B, G, C)
+        x_g = hidden.gather(1, rows)  # (B, G, C), the global tokens
+        q_g = F.linear(x_g, w_q, b_q).view(B, G, H, D).transpose(1, 2)  # (B, H, G, D)
+        q_in = torch.einsum("bhgd,hdc->bhgc", q_g, w_k.view(H, D, C)).reshape(B, H * G, C) * D ** -0.5
+        scores = torch.matmul(q_in, hidden.transpose(1, 2)).float()  # (B, H G, N)
+        probs = scores.masked_fill_(~layout.valid[:, None, :], float("-inf")).softmax(dim=-1)
+        keep = torch.empty_like(probs).bernoulli_(1 - dropout_p).div_(1 - dropout_p) if dropout_p else None
+        weights = (probs * keep if dropout_p else probs).to(hidden.dtype)  # what multiplies the values
+        context = torch.matmul(weights, hidden)  # (B, H G, C)
+        out = torch.einsum("bhgc,hdc->bhgd", context.view(B, H, G, C), w_v.view(H, D, C))
+        out = out + weights.sum(-1).view(B, H, G, 1) * b_v.view(1, H, 1, D)
+        ctx.save_for_backward(hidden, x_g, w_q, w_k, w_v, b_v, q_g, q_in, probs, keep, weights, context)
+        ctx.layout, ctx.num_heads = layout, H
+        return out  # (B, H, G, D)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, x_g, w_q, w_k, w_v, b_v, q_g, q_in, probs, keep, weights, context = ctx.saved_tensors
+        B, N, C = hidden.shape
+        H = ctx.num_heads
+        G, D = q_g.shape[2], C // H
+        grad_context = torch.einsum("bhgd,hdc->bhgc", grad_out, w_v.view(H, D, C)).reshape(B, H * G, C)
+        grad_w_v = torch.einsum("bhgd,bhgc->hdc", grad_out, context.view(B, H, G, C)).reshape(C, C)
+        grad_b_v = torch.einsum("bhgd,bhg->hd", grad_out, weights.sum(-1).view(B, H, G)).reshape(C)
+        grad_weights = torch.matmul(grad_context, hidden.transpose(1, 2)).float()  # (B, H G, N)
+        grad_weights += (grad_out * b_v.view(1, H, 1, D)).sum(-1).view(B, H * G, 1)
+        grad_probs = grad_weights * keep if keep is not None else grad_weights
+        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        grad_scores = grad_scores.to(hidden.dtype)
+        grad_q_in = torch.matmul(grad_scores, hidden) * D ** -0.5  # (B, H G, C)
+        # Both products with the hidden states in one matmul: (N, 2 H G) @ (2 H G, C).
+        grad_hidden = torch.matmul(torch.cat([weights, grad_scores], 1).transpose(1, 2),
+                                   torch.cat([grad_context, q_in], 1))
+        grad_q_g = torch.einsum("bhgc,hdc->bhgd", grad_q_in.view(B, H, G, C), w_k.view(H, D, C))
+        grad_w_k = torch.einsum("bhgd,bhgc->hdc", q_g, grad_q_in.view(B, H, G, C)).reshape(C, C)
+        grad_q_g = grad_q_g.transpose(1, 2).reshape(B, G, C)  # gradient of query_global's output
+        grad_w_q = torch.einsum("bgo,bgc->oc", grad_q_g, x_g)
+        rows = ctx.layout.global_idx[:, :, None].expand(B, G, C)
+        grad_hidden.scatter_add_(1, rows, torch.matmul(grad_q_g, w_q))  # unused slots carry zeros
+        return grad_hidden, grad_w_q, grad_q_g.sum((0, 1)), grad_w_k, grad_w_v, grad_b_v, None, None, None
 
 
 # ------------------------------------------------------------------------------------------
@@ -122,6 +159,11 @@ def _block_geometry(n: int, window: int, block: int | None):
     return w, b, halo, math.ceil(n / b)
 
 
+def _key_offsets(b: int, halo: int, device) -> Tensor:
+    """(b, 2 halo + b): key column c of any block sits (c - halo - r) tokens from its query row r."""
+    return torch.arange(2 * halo + b, device=device)[None, :] - halo - torch.arange(b, device=device)[:, None]
+
+
 def _blocked_mask(layout: AttentionLayout, window: int, block: int | None) -> Tensor:
     """(B * n_blocks, 1, b, 2 * halo + b + G) bool mask of the keys each query block may see."""
     B, N = layout.valid.shape
@@ -129,8 +171,7 @@ def _blocked_mask(layout: AttentionLayout, window: int, block: int | None) -> Te
     n_pad = n_blocks * b
     span = 2 * halo + b
     device = layout.valid.device
-    # Key column c of any block sits (c - halo - r) tokens from the block's query row r.
-    offset = torch.arange(span, device=device)[None, :] - halo - torch.arange(b, device=device)[:, None]
+    offset = _key_offsets(b, halo, device)
     in_band = offset.abs() <= w  # (b, span), the same for every block
 
     # Keys outside [0, N) are padding; global keys are attended through the global columns instead.
@@ -273,7 +314,7 @@ class CpuChunkedBandAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: _Blocks,
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: "_ChunkBias", blocks: _Blocks,
                 dropout_p: float, seed: int) -> Tensor:
         B, H, b, n = blocks.B, blocks.H, blocks.b, blocks.n_blocks
         k_global, v_global = blocks.global_rows(k), blocks.global_rows(v)
@@ -282,21 +323,21 @@ class CpuChunkedBandAttention(torch.autograd.Function):
         for i0, i1 in _chunks(n, b):
             qc, kc, vc = (blocks.chunk_queries(q, i0, i1), blocks.chunk_keys(k, k_global, i0, i1),
                           blocks.chunk_keys(v, v_global, i0, i1))
-            bias = _additive(mask[:, i0:i1], q.dtype)
+            chunk_bias = bias(i0, i1, q.dtype)
             if dropout_p:  # the chunk's blocks get seeds seed + B * i0 + [0, B * (i1 - i0)): distinct
-                (o,) = _chunk_forward(qc, kc, vc, bias, p=dropout_p, seed=seed + B * i0)
+                (o,) = _chunk_forward(qc, kc, vc, chunk_bias, p=dropout_p, seed=seed + B * i0)
                 o = o.to(q.dtype)
             else:
-                o, l = _flash_cpu(qc, kc, vc, 0.0, False, attn_mask=bias)
+                o, l = _flash_cpu(qc, kc, vc, 0.0, False, attn_mask=chunk_bias)
                 lse[:, i0:i1] = l.view(B, i1 - i0, H, b)
             blocks.write_rows(out, o, i0, i1)
-        ctx.blocks, ctx.dropout_p, ctx.seed = blocks, dropout_p, seed
-        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.blocks, ctx.bias, ctx.dropout_p, ctx.seed = blocks, bias, dropout_p, seed
+        ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, mask, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         blocks = ctx.blocks
         B, H, b, D = blocks.B, blocks.H, blocks.b, blocks.D
         k_global, v_global = blocks.global_rows(k), blocks.global_rows(v)
@@ -308,7 +349,7 @@ class CpuChunkedBandAttention(torch.autograd.Function):
             args = (blocks.chunk_queries(grad_out, i0, i1), blocks.chunk_queries(q, i0, i1),
                     blocks.chunk_keys(k, k_global, i0, i1), blocks.chunk_keys(v, v_global, i0, i1),
                     blocks.chunk_queries(out, i0, i1))
-            bias = _additive(mask[:, i0:i1], q.dtype)
+            bias = ctx.bias(i0, i1, q.dtype)
             if ctx.dropout_p:
                 dq, dk, dv = (g.to(q.dtype) for g in _chunk_backward(*args, bias, p=ctx.dropout_p,
                                                                        seed=ctx.seed + B * i0))
@@ -324,6 +365,31 @@ class CpuChunkedBandAttention(torch.autograd.Function):
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Bool (B, n, 1, b, K) -> additive (B * n, 1, b, K) of the query's dtype (the kernel's rule)."""
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).flatten(0, 1)
+
+
+class _ChunkBias:
+    """The additive masks of the CPU chunked path, built once per batch and window (shared by the
+    layers). Most blocks have the same mask, the interior one: the band, every key real and not
+    global, every global column used. Chunks made only of such blocks get one (1, 1, b, K) bias
+    broadcast over their blocks instead of a (blocks, 1, b, K) one built, filled and read per call.
+    """
+
+    def __init__(self, mask: Tensor, window: int, b: int, halo: int):
+        B, n_blocks, _, _, K = mask.shape  # mask: (B, n_blocks, 1, b, K) bool
+        interior = _key_offsets(b, halo, mask.device).abs() <= window // 2
+        interior = torch.cat([interior, interior.new_ones(b, K - interior.shape[1])], dim=1)  # + global columns
+        self.mask, self.interior = mask, interior.view(1, 1, b, K)
+        self.plain = (mask == self.interior).flatten(2).all(-1).all(0).tolist()  # per block, all examples
+        self._interior_bias = {}
+
+    def __call__(self, i0: int, i1: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask of query blocks [i0, i1): (B * (i1 - i0), 1, b, K)."""
+        B, _, _, b, K = self.mask.shape
+        if all(self.plain[i0:i1]):
+            if dtype not in self._interior_bias:
+                self._interior_bias[dtype] = _additive(self.interior[None], dtype)
+            return self._interior_bias[dtype].expand(B * (i1 - i0), 1, b, K)
+        return _additive(self.mask[:, i0:i1], dtype)
 
 
 def _chunks(n_blocks: int, b: int):
@@ -412,11 +478,12 @@ def blocked_local_attention(
     mask = layout.cached(("blocked", window, b), lambda: _blocked_mask(layout, window, b))  # (B*n, 1, b, K)
 
     if cpu_chunked:
-        mask_blocks = mask.view(B, n_blocks, 1, b, -1)
+        bias = layout.cached(("chunk_bias", window, b),
+                             lambda: _ChunkBias(mask.view(B, n_blocks, 1, b, -1), window, b, halo))
         # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it,
         # and activation checkpointing (which restores that generator) recomputes the same mask.
         seed = int(torch.randint(0, 2**62, ())) if dropout_p else 0
-        return CpuChunkedBandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask_blocks, blocks,
+        return CpuChunkedBandAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, blocks,
                                              dropout_p, seed)
 
     # Elsewhere (CUDA; on CPU, dtypes other than fp32/bf16): SDPA with autograd over all blocks at once.
@@ -553,12 +620,13 @@ class LongformerSelfAttention(nn.Module):
 
         if layout.num_global:
             G = layout.num_global
-            rows = layout.global_idx[:, :, None].expand(B, G, C)
-            qg = self._heads(self.query_global(hidden.gather(1, rows))).transpose(1, 2)  # (B, H, G, D)
             if self.absorb_global_projections(G):
-                out_global = global_rows_attention_absorbed(qg, hidden, self.key_global, self.value_global,
-                                                            layout, dropout_p)
+                out_global = AbsorbedGlobalRows.apply(
+                    hidden, self.query_global.weight, self.query_global.bias, self.key_global.weight,
+                    self.value_global.weight, self.value_global.bias, layout, self.num_heads, dropout_p)
             else:
+                rows = layout.global_idx[:, :, None].expand(B, G, C)
+                qg = self._heads(self.query_global(hidden.gather(1, rows))).transpose(1, 2)  # (B, H, G, D)
                 kg = self._heads(self.key_global(hidden)).transpose(1, 2)  # (B, H, N, D)
                 vg = self._heads(self.value_global(hidden)).transpose(1, 2)
                 out_global = global_rows_attention(qg, kg, vg, layout, dropout_p)

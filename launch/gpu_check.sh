@@ -66,11 +66,11 @@ run_step() {
 BENCH="python -m ds_longformer.benchmarks"
 run_step tests 150 python -m pytest -q -m cuda tests/test_cuda.py
 run_step attention 80 $BENCH.attention --device cuda --dtype float16 --impls hf blocked flex \
-    --seq_lens 4096 --windows 512 --globals 1 --repeats 5 --threads 4 --json "$OUT_DIR/attention.json"
+    --seq_lens 4096 --windows 512 --globals 1 --repeats 5 --rounds 1 --threads 4 --json "$OUT_DIR/attention.json"
 run_step train_step 220 $BENCH.train_step --device cuda --layers 12 --seq_len 4096 --precisions fp16 bf16 \
     --checkpointing off on --steps 5 --warmup 2 --rounds 1 --threads 4 --json "$OUT_DIR/train_step.json"
 run_step attention_long 100 $BENCH.attention --device cuda --dtype float16 --impls hf blocked flex \
-    --seq_lens 16384 32768 --windows 512 --globals 1 --repeats 3 --threads 4 --json "$OUT_DIR/attention_long.json"
+    --seq_lens 16384 32768 --windows 512 --globals 1 --repeats 3 --rounds 1 --threads 4 --json "$OUT_DIR/attention_long.json"
 run_step longest 150 $BENCH.longest_sequence --device cuda --layers 12 --precision bf16 --budget_gib 16 \
     --backend blocked --start 4096 --max_len 131072 --threads 4 --json "$OUT_DIR/longest.json"
 
@@ -82,7 +82,7 @@ run_step longest 150 $BENCH.longest_sequence --device cuda --layers 12 --precisi
         [[ -f "$OUT_DIR/$name.log" ]] || continue
         echo "--- $name"
         # Header comments, progress lines (all a stopped run has) and the table with what follows it.
-        awk '/^ *(impl|model) /{table=1} table || /^(# |  measured |  tried )/' "$OUT_DIR/$name.log"
+        awk '/^ *(impl|model) /{table=1} table || /^(# |  round |  measured |  tried )/' "$OUT_DIR/$name.log"
     done
 } | tee "$OUT_DIR/summary.txt"
 for line in "${SUMMARY[@]}"; do

@@ -23,7 +23,7 @@ TINY_MODEL = [*TINY, "--layers", "1", "--intermediate", "64", "--vocab", "100", 
 # Independent CLI runs, all started at once by the `cli` fixture: name -> (benchmark, flags).
 RUNS = {
     "attention": ("attention", [*TINY, "--seq_lens", "64", "--windows", "16", "--impls", "hf", "blocked",
-                                "--repeats", "1"]),
+                                "--repeats", "1", "--rounds", "2"]),
     "train_step": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "on", "--steps", "1",
                                   "--warmup", "1", "--warmup_len", "32", "--rounds", "2"]),
     "longest": ("longest_sequence", [*TINY_MODEL, "--start", "64", "--max_len", "64", "--budget_gib", "2",
@@ -62,10 +62,17 @@ def test_attention_cli(cli):
     returncode, stdout, stderr, result = cli("attention")
     assert returncode == 0, stderr[-3000:]
     assert "fwd+bwd ms" in stdout
+    assert [(r["impl"], r["round"]) for r in result["runs"]] == [("hf", 0), ("blocked", 0), ("hf", 1),
+                                                                  ("blocked", 1)]
     rows = result["rows"]
-    assert [r["impl"] for r in rows] == ["hf", "blocked"]
+    assert [(r["impl"], r["rounds"]) for r in rows] == [("hf", 2), ("blocked", 2)]
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
-    assert "speedup_vs_hf" in rows[1] and "mem_vs_hf" in rows[1]
+    blocked, runs = rows[1], [r for r in result["runs"] if r["impl"] == "blocked"]
+    assert blocked["forward_backward_ms"] == pytest.approx(sum(r["forward_backward_ms"] for r in runs) / 2)
+    ratios = [hf["forward_backward_ms"] / ours["forward_backward_ms"]
+              for hf, ours in zip(result["runs"][::2], result["runs"][1::2])]
+    assert blocked["speedup_vs_hf"] == pytest.approx(sum(ratios) / 2)  # the median of two per-round ratios
+    assert blocked["speedup_range"] == f"{min(ratios):.2f}-{max(ratios):.2f}" and "mem_vs_hf" in blocked
 
 
 def test_train_step_cli(cli):

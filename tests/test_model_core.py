@@ -138,22 +138,29 @@ def test_backends_agree_forward_and_gradients(block, globals_):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_chunked_path_equals_sdpa_autograd_path(monkeypatch, dtype):
-    """The chunked CPU kernel path (no stored key blocks) against plain SDPA autograd over blocks."""
+@pytest.mark.parametrize("batch", [dict(pad_lengths=(45, 30), globals_=([0, 44], [3])),  # no block alike
+                                   dict(pad_lengths=(45, 45), globals_=([0], [2]))],  # interior blocks
+                         ids=["padding_uneven_globals", "interior_blocks"])
+def test_cpu_chunked_path_equals_sdpa_autograd_path(monkeypatch, dtype, batch):
+    """The chunked CPU kernel path (no stored key blocks) against plain SDPA autograd over blocks,
+    with chunks whose blocks share the interior mask (one broadcast bias) and chunks built per block."""
     import ds_longformer.attention as attention
 
     monkeypatch.setattr(attention, "CHUNK_TOKENS", 8)  # several chunks, a ragged last one
     torch.manual_seed(0)
     B, N, H, D = 2, 45, 2, 8
-    _, am, gm = make_batch(B, N, (N, 30), ([0, 44], [3]))
+    _, am, gm = make_batch(B, N, **batch)
     q, k, v = (torch.randn(B, N, H, D, dtype=dtype) for _ in range(3))
+    layout = AttentionLayout.build(am, gm)
     results = []
     for flash in (True, False):
         monkeypatch.setattr(attention, "CPU_CHUNKED", flash)
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        out = attention.blocked_local_attention(*leaves, AttentionLayout.build(am, gm), 8, 4, 0.0)
+        out = attention.blocked_local_attention(*leaves, layout, 8, 4, 0.0)
         out.float().pow(2).sum().backward()
         results.append([out.detach().float()] + [x.grad.float() for x in leaves])
+    plain = layout.cached(("chunk_bias", 8, 4), None).plain  # which blocks took the shared bias
+    assert any(plain) == (batch["pad_lengths"] == (45, 45)) and not all(plain)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: ~1 ulp
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)

@@ -13,7 +13,9 @@ Implementations (each measured in its own process, same weights and inputs):
 
 For each: forward time, forward+backward time, peak extra memory of forward+backward, and the
 time as a multiple of the floor = (banded multiply-adds of the same work) / (measured matmul rate).
-Ratios against hf are computed from the same run. Prints a table and writes JSON (--json).
+Ratios against hf are taken within each round (--rounds repeats every measurement, interleaving the
+implementations); the table gives medians over rounds and the range of the per-round speed ratios.
+Prints a table and writes JSON (--json): the summary rows and every round's runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 
 import torch
 
@@ -106,6 +109,37 @@ def worker(spec: dict):
     print(json.dumps(result))
 
 
+MEASURED = ("forward_ms", "forward_backward_ms", "forward_mib", "forward_backward_mib", "x_floor", "us_per_token")
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (impl, N, window, globals): medians over rounds of what was measured, and the
+    median and range of the per-round ratios to hf (forward+backward time and peak memory)."""
+    key = lambda r: (r["impl"], r["seq_len"], r["window"], r["globals"])  # noqa: E731
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    hf = {(r["seq_len"], r["window"], r["globals"], r["round"]): r for r in runs if r["impl"] == "hf"}
+    rows = []
+    for same in groups.values():
+        row = {k: v for k, v in same[0].items() if k not in MEASURED and k != "round"}
+        row["rounds"] = len(same)
+        for field in MEASURED:
+            values = [r[field] for r in same if field in r]
+            if values:
+                row[field] = statistics.median(values)
+        pairs = [(r, hf[key(r)[1:] + (r["round"],)]) for r in same if key(r)[1:] + (r["round"],) in hf]
+        pairs = [(r, ref) for r, ref in pairs if "forward_backward_ms" in r and "forward_backward_ms" in ref]
+        if pairs:
+            speed = [ref["forward_backward_ms"] / r["forward_backward_ms"] for r, ref in pairs]
+            row["speedup_vs_hf"] = statistics.median(speed)
+            row["speedup_range"] = f"{min(speed):.2f}-{max(speed):.2f}"
+            row["mem_vs_hf"] = statistics.median(r["forward_backward_mib"] / max(ref["forward_backward_mib"], 1e-9)
+                                                 for r, ref in pairs)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +157,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (1 is the steadiest)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="times every measurement runs, interleaving the implementations; medians reported")
     p.add_argument("--json", default="attention_benchmark.json", help="where to write all results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -132,52 +168,51 @@ def main(argv=None):
     rate = matmul_rate(args.device, getattr(torch, args.dtype), c=args.hidden)
     print(f"# {machine_description(args.device, args.threads)}; {args.dtype}; batch {args.batch}, "
           f"{args.heads} heads of {args.hidden // args.heads}; matmul {rate / 1e9:.1f} GFLOP/s")
-    rows = []
-    for window in args.windows:
-        for n_global in args.globals:
-            for n in args.seq_lens:
-                for impl in args.impls:
-                    if impl == "dense" and n > args.dense_max_len:
-                        continue
-                    row = dict(impl=impl, seq_len=n, window=window, globals=n_global)
-                    for mode in ("forward", "forward_backward"):
-                        if impl == "flex" and args.device == "cpu" and mode == "forward_backward":
+    # Rounds repeat every measurement, interleaving the implementations, so that each ratio
+    # compares workers that ran seconds apart; the table gives medians over rounds.
+    runs = []
+    for round_ in range(args.rounds):
+        for window in args.windows:
+            for n_global in args.globals:
+                for n in args.seq_lens:
+                    for impl in args.impls:
+                        if impl == "dense" and n > args.dense_max_len:
                             continue
-                        spec = dict(row, mode=mode, device=args.device, dtype=args.dtype, batch=args.batch,
-                                    hidden=args.hidden, heads=args.heads, block=args.block,
-                                    threads=args.threads, repeats=args.repeats)
-                        res = run_worker(MODULE, spec, args.threads)
-                        if "error" in res:
-                            row[f"{mode}_error"] = res["error"]
-                            continue
-                        row[f"{mode}_ms"] = res[mode]["time_s"] * 1e3
-                        row[f"{mode}_mib"] = res[mode]["peak_mib"]
-                    if "forward_backward_ms" in row:
-                        flops = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
-                        row["x_floor"] = row["forward_backward_ms"] / 1e3 / (flops / rate)
-                        row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
-                    rows.append(row)
-                    print(f"  measured {impl:8s} N={n:6d} window={window} globals={n_global}", flush=True)
-
-    # Ratios against hf, measured in this run.
-    for row in rows:
-        ref = next((r for r in rows if r["impl"] == "hf" and all(r[k] == row[k] for k in ("seq_len", "window",
-                                                                                              "globals"))), None)
-        if ref and row.get("forward_backward_ms") and ref.get("forward_backward_ms"):
-            row["speedup_vs_hf"] = ref["forward_backward_ms"] / row["forward_backward_ms"]
-            row["mem_vs_hf"] = row["forward_backward_mib"] / max(ref["forward_backward_mib"], 1e-9)
+                        row = dict(impl=impl, seq_len=n, window=window, globals=n_global, round=round_)
+                        for mode in ("forward", "forward_backward"):
+                            if impl == "flex" and args.device == "cpu" and mode == "forward_backward":
+                                continue
+                            spec = dict(row, mode=mode, device=args.device, dtype=args.dtype, batch=args.batch,
+                                        hidden=args.hidden, heads=args.heads, block=args.block,
+                                        threads=args.threads, repeats=args.repeats)
+                            res = run_worker(MODULE, spec, args.threads)
+                            if "error" in res:
+                                row[f"{mode}_error"] = res["error"]
+                                continue
+                            row[f"{mode}_ms"] = res[mode]["time_s"] * 1e3
+                            row[f"{mode}_mib"] = res[mode]["peak_mib"]
+                        if "forward_backward_ms" in row:
+                            flops = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
+                            row["x_floor"] = row["forward_backward_ms"] / 1e3 / (flops / rate)
+                            row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
+                        runs.append(row)
+                        print(f"  round {round_ + 1}/{args.rounds}: measured {impl:8s} N={n:6d} window={window} "
+                              f"globals={n_global}", flush=True)
+    rows = summarize(runs)
     print_table(rows, [("impl", "impl", "s"), ("seq_len", "N", "d"), ("window", "window", "d"),
                        ("globals", "global", "d"), ("forward_ms", "fwd ms", ".1f"),
                        ("forward_backward_ms", "fwd+bwd ms", ".1f"), ("forward_backward_mib", "peak MiB", ".0f"),
                        ("us_per_token", "us/token", ".1f"), ("x_floor", "x floor", ".2f"),
-                       ("speedup_vs_hf", "speed vs hf", ".2f"), ("mem_vs_hf", "mem vs hf", ".2f")])
+                       ("speedup_vs_hf", "speed vs hf", ".2f"), ("speedup_range", "per round", "s"),
+                       ("mem_vs_hf", "mem vs hf", ".2f")])
     errors = [(r["impl"], r["seq_len"], r.get("forward_backward_error") or r.get("forward_error"))
-              for r in rows if "forward_backward_error" in r or "forward_error" in r]
+              for r in runs if "forward_backward_error" in r or "forward_error" in r]
     for impl, n, err in errors:
         print(f"  {impl} N={n}: {err}")
     with open(args.json, "w") as f:
         json.dump({"machine": machine_description(args.device, args.threads), "matmul_flops": rate,
-                   "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}, f, indent=2)
+                   "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows, "runs": runs},
+                  f, indent=2)
     print(f"# wrote {args.json}")
 
 
