@@ -87,8 +87,9 @@ def global_rows_attention(qg: Tensor, kg: Tensor, vg: Tensor, layout: AttentionL
 
 
 class AbsorbedGlobalRows(torch.autograd.Function):
-    """The global rows with all three global projections folded in: O(H G N C) work instead of the
-    O(N C^2) of projecting every token with key_global/value_global.
+    """The global rows from the hidden states: query_global on the G global tokens only, and
+    key_global/value_global folded into the G queries and outputs, O(H G N C) work instead of the
+    O(N C^2) of projecting every token with them:
 
       score[g, n] = qg[g] . (Wk x[n] + bk) = (Wk^T qg[g]) . x[n] + const(g)   (const cancels in softmax)
       out[g]      = sum_n p[g, n] (Wv x[n] + bv) = Wv (sum_n p[g, n] x[n]) + (sum_n p[g, n]) bv

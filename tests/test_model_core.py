@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from ds_longformer import (
@@ -215,6 +216,44 @@ def test_cpu_dropout_path_matches_autograd_reference(monkeypatch):
     torch.manual_seed(8)  # another seed, another mask
     other = attention.blocked_local_attention(q, k, v, layout, 8, 4, 0.3)
     assert (other - results[0][0]).abs().max() > 1e-3
+
+
+def test_absorbed_global_rows_backward_matches_autograd_with_dropout():
+    """AbsorbedGlobalRows' hand-written backward against autograd over the same maths and the same
+    dropout draw: gradients of the hidden states and of all global projection parameters."""
+    import math
+
+    from ds_longformer.attention import AbsorbedGlobalRows
+
+    torch.manual_seed(0)
+    B, N, C, H, p = 2, 23, 16, 4, 0.3
+    D = C // H
+    _, am, gm = make_batch(B, N, (N, 17), ([0, 5, 22], [3]))  # padding, and an unused global slot
+    layout = AttentionLayout.build(am, gm)
+    hidden = torch.randn(B, N, C)
+    params = [torch.randn(C, C) / 4, torch.randn(C), torch.randn(C, C) / 4, torch.randn(C, C) / 4, torch.randn(C)]
+    grad_out = torch.randn(B, H, layout.num_global, D)
+
+    def reference(x, w_q, b_q, w_k, w_v, b_v):  # projecting every token, as the "projected" path does
+        heads = lambda t: t.view(B, -1, H, D).transpose(1, 2)  # noqa: E731
+        rows = layout.global_idx[:, :, None].expand(-1, -1, C)
+        q_g, k_g, v_g = heads(F.linear(x.gather(1, rows), w_q, b_q)), heads(x @ w_k.T), heads(F.linear(x, w_v, b_v))
+        scores = (q_g @ k_g.transpose(-1, -2) / math.sqrt(D)).masked_fill(~layout.valid[:, None, None, :], -math.inf)
+        probs = scores.softmax(-1)
+        keep = torch.empty_like(probs).bernoulli_(1 - p) / (1 - p)  # the Function's one random draw
+        return (probs * keep) @ v_g
+
+    results = []
+    for fn in (lambda *a: AbsorbedGlobalRows.apply(*a, layout, H, p), reference):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, *params)]
+        torch.manual_seed(1)
+        out = fn(*leaves)
+        (out * grad_out).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    valid = layout.global_valid[:, None, :, None]  # unused slots: outputs discarded by the module
+    torch.testing.assert_close(results[0][0] * valid, results[1][0] * valid, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_dropout_mask_statistics():
