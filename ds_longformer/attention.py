@@ -102,6 +102,17 @@ class AbsorbedGlobalRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, w_q: Tensor, b_q: Tensor, w_k: Tensor, w_v: Tensor, b_v: Tensor,
                 layout: AttentionLayout, num_heads: int, dropout_p: float) -> Tensor:
+        # Under torch.autocast the maths runs in the autocast dtype, explicitly: backward runs
+        # without autocast, so every saved tensor must already have the one dtype.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        ctx.input_dtypes = [t.dtype for t in (hidden, w_q, b_q, w_k, w_v, b_v)]
+        with torch.autocast(device, enabled=False):
+            return AbsorbedGlobalRows._forward(ctx, *(t.to(dtype) for t in (hidden, w_q, b_q, w_k, w_v, b_v)),
+                                               layout, num_heads, dropout_p)
+
+    @staticmethod
+    def _forward(ctx, hidden, w_q, b_q, w_k, w_v, b_v, layout: AttentionLayout, num_heads: int, dropout_p: float):
         B, N, C = hidden.shape
         G, H = layout.num_global, num_heads
         D = C // H
@@ -123,6 +134,7 @@ class AbsorbedGlobalRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         hidden, x_g, w_q, w_k, w_v, b_v, q_g, q_in, probs, keep, weights, context = ctx.saved_tensors
+        grad_out = grad_out.to(hidden.dtype)
         B, N, C = hidden.shape
         H = ctx.num_heads
         G, D = q_g.shape[2], C // H
@@ -144,7 +156,8 @@ class AbsorbedGlobalRows(torch.autograd.Function):
         grad_w_q = torch.einsum("bgo,bgc->oc", grad_q_g, x_g)
         rows = ctx.layout.global_idx[:, :, None].expand(B, G, C)
         grad_hidden.scatter_add_(1, rows, torch.matmul(grad_q_g, w_q))  # unused slots carry zeros
-        return grad_hidden, grad_w_q, grad_q_g.sum((0, 1)), grad_w_k, grad_w_v, grad_b_v, None, None, None
+        grads = (grad_hidden, grad_w_q, grad_q_g.sum((0, 1)), grad_w_k, grad_w_v, grad_b_v)
+        return (*(g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)), None, None, None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -633,7 +646,7 @@ class LongformerSelfAttention(nn.Module):
                 out_global = global_rows_attention(qg, kg, vg, layout, dropout_p)
             out_global = out_global.transpose(1, 2)  # (B, G, H, D)
             batch, slot = layout.global_valid.nonzero(as_tuple=True)
-            out = out.index_put((batch, layout.global_idx[batch, slot]), out_global[batch, slot])
+            out = out.index_put((batch, layout.global_idx[batch, slot]), out_global[batch, slot].to(out.dtype))
 
         if layout.has_padding:  # padding rows output zeros, as Hugging Face's
             out = out.masked_fill(~layout.valid[:, :, None, None], 0.0)

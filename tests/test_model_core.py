@@ -256,6 +256,34 @@ def test_absorbed_global_rows_backward_matches_autograd_with_dropout():
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("global_path", ["absorbed", "projected"])
+def test_autocast_bf16_training_step_with_global_tokens(global_path):
+    """Under torch.autocast (bf16 on CPU; test_cuda.py does fp16/bf16 on a GPU) the local rows come
+    out in the autocast dtype and the global rows must too; the loss and the gradients stay close
+    to fp32's."""
+    torch.manual_seed(0)
+    model = LongformerForMaskedLM(tiny_config(attention_window=[8, 6])).train()
+    for module in model.modules():
+        if isinstance(module, LongformerSelfAttention):
+            module.global_path = global_path
+    ids, am, gm = make_batch(2, 43, (43, 31), ([0, 11], [4]))
+    labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
+    results = []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, am, gm, labels=labels).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss32, grads32), (loss16, grads16) = results
+    assert grads16.keys() == grads32.keys()
+    assert abs(loss16 - loss32) < 0.02 * abs(loss32)
+    for name, grad in grads16.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        scale = grads32[name].abs().max().clamp_min(1e-3)
+        assert (grad - grads32[name]).abs().max() / scale < 0.1, name
+
+
 def test_attention_dropout_mask_statistics():
     """Kept with probability 1 - p (p quantised to 1/65536), kept values scaled by 1 / (1 - p),
     so the expected output equals the output without dropout."""
