@@ -82,7 +82,7 @@ run_step longest 150 $BENCH.longest_sequence --device cuda --layers 12 --precisi
         [[ -f "$OUT_DIR/$name.log" ]] || continue
         echo "--- $name"
         # Header comments, progress lines (all a stopped run has) and the table with what follows it.
-        awk '/^ *(impl|model) /{table=1} table || /^(# |  round |  measured |  tried )/' "$OUT_DIR/$name.log"
+        awk '/^ *(impl|model) /{table=1} table || /^(# |  round |  tried )/' "$OUT_DIR/$name.log"
     done
 } | tee "$OUT_DIR/summary.txt"
 for line in "${SUMMARY[@]}"; do

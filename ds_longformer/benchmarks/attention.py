@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 
 import torch
 
-from .common import machine_description, matmul_rate, measure, print_table, run_worker
+from .common import machine_description, matmul_rate, measure, print_table, run_worker, summarize_rounds
 
 MODULE = "ds_longformer.benchmarks.attention"
 
@@ -109,37 +108,6 @@ def worker(spec: dict):
     print(json.dumps(result))
 
 
-MEASURED = ("forward_ms", "forward_backward_ms", "forward_mib", "forward_backward_mib", "x_floor", "us_per_token")
-
-
-def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (impl, N, window, globals): medians over rounds of what was measured, and the
-    median and range of the per-round ratios to hf (forward+backward time and peak memory)."""
-    key = lambda r: (r["impl"], r["seq_len"], r["window"], r["globals"])  # noqa: E731
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault(key(run), []).append(run)
-    hf = {(r["seq_len"], r["window"], r["globals"], r["round"]): r for r in runs if r["impl"] == "hf"}
-    rows = []
-    for same in groups.values():
-        row = {k: v for k, v in same[0].items() if k not in MEASURED and k != "round"}
-        row["rounds"] = len(same)
-        for field in MEASURED:
-            values = [r[field] for r in same if field in r]
-            if values:
-                row[field] = statistics.median(values)
-        pairs = [(r, hf[key(r)[1:] + (r["round"],)]) for r in same if key(r)[1:] + (r["round"],) in hf]
-        pairs = [(r, ref) for r, ref in pairs if "forward_backward_ms" in r and "forward_backward_ms" in ref]
-        if pairs:
-            speed = [ref["forward_backward_ms"] / r["forward_backward_ms"] for r, ref in pairs]
-            row["speedup_vs_hf"] = statistics.median(speed)
-            row["speedup_range"] = f"{min(speed):.2f}-{max(speed):.2f}"
-            row["mem_vs_hf"] = statistics.median(r["forward_backward_mib"] / max(ref["forward_backward_mib"], 1e-9)
-                                                 for r, ref in pairs)
-        rows.append(row)
-    return rows
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,12 +166,15 @@ def main(argv=None):
                         runs.append(row)
                         print(f"  round {round_ + 1}/{args.rounds}: measured {impl:8s} N={n:6d} window={window} "
                               f"globals={n_global}", flush=True)
-    rows = summarize(runs)
+    rows = summarize_rounds(runs, group_by=("impl", "seq_len", "window", "globals"),
+                            fields=("forward_ms", "forward_backward_ms", "forward_mib", "forward_backward_mib",
+                                    "x_floor", "us_per_token"),
+                            speed="forward_backward_ms", faster="lower", memory="forward_backward_mib")
     print_table(rows, [("impl", "impl", "s"), ("seq_len", "N", "d"), ("window", "window", "d"),
                        ("globals", "global", "d"), ("forward_ms", "fwd ms", ".1f"),
                        ("forward_backward_ms", "fwd+bwd ms", ".1f"), ("forward_backward_mib", "peak MiB", ".0f"),
                        ("us_per_token", "us/token", ".1f"), ("x_floor", "x floor", ".2f"),
-                       ("speedup_vs_hf", "speed vs hf", ".2f"), ("speedup_range", "per round", "s"),
+                       ("speed_vs_hf", "speed vs hf", ".2f"), ("speed_range", "per round", "s"),
                        ("mem_vs_hf", "mem vs hf", ".2f")])
     errors = [(r["impl"], r["seq_len"], r.get("forward_backward_error") or r.get("forward_error"))
               for r in runs if "forward_backward_error" in r or "forward_error" in r]

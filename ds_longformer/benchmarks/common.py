@@ -141,6 +141,37 @@ def run_worker(module: str, spec: dict, threads: int, timeout: float = 900) -> d
     return json.loads(lines[-1])
 
 
+def summarize_rounds(runs: list[dict], group_by: tuple[str, ...], fields: tuple[str, ...], speed: str,
+                     faster: str, memory: str) -> list[dict]:
+    """One row per configuration (the runs sharing `group_by`, one per round): the median over
+    rounds of each of `fields` the runs have, and the median and range of the per-round ratios to
+    the hf run of the same configuration and round, each ratio within one round:
+      speed_vs_hf = how many times faster by `speed` ("higher" or "lower" is faster, `faster`),
+      speed_range = "min-max" of those ratios,  mem_vs_hf = run[memory] / hf[memory]."""
+    same_config = lambda r: tuple(r[k] for k in group_by if k != "impl")  # noqa: E731
+    hf = {(same_config(r), r["round"]): r for r in runs if r["impl"] == "hf"}
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in group_by), []).append(run)
+    rows = []
+    for same in groups.values():
+        row = {k: v for k, v in same[0].items() if k != "round"}
+        row["rounds"] = len(same)
+        for field in fields:
+            values = [r[field] for r in same if field in r]
+            if values:
+                row[field] = statistics.median(values)
+        pairs = [(r, hf.get((same_config(r), r["round"]))) for r in same]
+        pairs = [(r, ref) for r, ref in pairs if ref and all(speed in x and memory in x for x in (r, ref))]
+        if pairs:
+            ratios = [(r[speed] / ref[speed]) if faster == "higher" else (ref[speed] / r[speed]) for r, ref in pairs]
+            row["speed_vs_hf"] = statistics.median(ratios)
+            row["speed_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            row["mem_vs_hf"] = statistics.median(r[memory] / max(ref[memory], 1e-9) for r, ref in pairs)
+        rows.append(row)
+    return rows
+
+
 def machine_description(device: str, threads: int) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"

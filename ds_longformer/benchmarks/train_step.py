@@ -46,7 +46,7 @@ import time
 import torch
 
 from .common import (PeakMemory, machine_description, malloc_for, matmul_rate, print_table, rss_bytes, run_worker,
-                     timed)
+                     summarize_rounds, timed)
 
 MODULE = "ds_longformer.benchmarks.train_step"
 BOS, EOS = 0, 2  # RoBERTa's <s> and </s>; <mask> is the last id of the vocabulary
@@ -238,29 +238,6 @@ def describe(spec: dict) -> str:
             f"DeepSpeed ZeRO-{cfg['zero_optimization']['stage']}, torch AdamW")
 
 
-def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (impl, precision, ckpt): medians over rounds of tokens/s and memory, and the
-    median and range of the per-round ratios to hf (each ratio within one round)."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        if "error" not in run:
-            groups.setdefault((run["impl"], run["precision"], run["ckpt"]), []).append(run)
-    hf = {(r["precision"], r["ckpt"], r["round"]): r for r in runs if r["impl"] == "hf" and "error" not in r}
-    rows = []
-    for (_, precision, ckpt), same in groups.items():
-        row = dict(same[0], rounds=len(same))
-        for field in ("step_s", "tokens_per_s", "peak_mib", "act_mib", "loss"):
-            row[field] = statistics.median(r[field] for r in same)
-        pairs = [(r, hf[precision, ckpt, r["round"]]) for r in same if (precision, ckpt, r["round"]) in hf]
-        if pairs:
-            speed = [r["tokens_per_s"] / ref["tokens_per_s"] for r, ref in pairs]
-            row["speed_vs_hf"] = statistics.median(speed)
-            row["mem_vs_hf"] = statistics.median(r["peak_mib"] / ref["peak_mib"] for r, ref in pairs)
-            row["speed_range"] = f"{min(speed):.2f}-{max(speed):.2f}"
-        rows.append(row)
-    return rows + [r for r in runs if "error" in r]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,7 +298,11 @@ def main(argv=None):
                     print(f"  round {round_ + 1}/{args.rounds}: {impl:4s} {precision} checkpointing {ckpt}: {status}",
                           flush=True)
                     save()  # a run stopped midway keeps what it measured
-    rows[:] = summarize(runs)
+    ok = [r for r in runs if "error" not in r]
+    rows[:] = summarize_rounds(ok, group_by=("impl", "precision", "ckpt"),
+                               fields=("step_s", "tokens_per_s", "peak_mib", "act_mib", "loss"),
+                               speed="tokens_per_s", faster="higher", memory="peak_mib")
+    rows += [r for r in runs if "error" in r]
     print_table(rows, [("impl", "model", "s"), ("precision", "precision", "s"), ("ckpt", "ckpt", "s"),
                        ("seq_len", "N", "d"), ("step_s", "step s", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("loss", "loss", ".3f"),
