@@ -7,13 +7,14 @@ A folder is `config.json` + `model.safetensors` (or `pytorch_model.bin`). We rea
     BERT-style (BertModel / BertForMaskedLM). Their weights are renamed to Longformer names and their
     local q/k/v copied into the global projections (`short_to_longformer_state`).
 We write Longformer folders that `transformers.Longformer*.from_pretrained` loads with no missing or
-unexpected keys. Tied tensors (the MLM decoder) are written once; files are written to a temporary
-name and renamed, so a folder never holds a half-written model.
+unexpected keys. Tied tensors (the MLM decoder) are written once; the weights and config.json are both written
+under temporary names first and then renamed, so no file is ever half-written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LongformerConfig
 
+log = logging.getLogger(__name__)
 SHORT_MODEL_TYPES = ("roberta", "bert", "xlm-roberta", "camembert")
 GLOBAL_PROJECTIONS = ("query", "key", "value")
 
@@ -168,23 +170,46 @@ def load_folder(cls, folder: str | Path, attention_window: int | list[int] | Non
     if missing_encoder:
         raise ValueError(f"{folder}: checkpoint lacks encoder weights, e.g. {missing_encoder[:5]} "
                          f"({len(missing_encoder)} missing); is it a {cls.__name__} checkpoint?")
+    # Extra encoder weights mean the config describes a smaller model (e.g. fewer layers): refuse
+    # rather than drop them. Head weights of another task (lm_head.*, a pooler) are ignored, as are
+    # position_ids buffers that older checkpoints saved.
+    extra_encoder = [k for k in state if k not in ours and not k.endswith("position_ids")
+                     and k.removeprefix("longformer.").startswith(("embeddings.", "encoder."))]
+    if extra_encoder:
+        raise ValueError(f"{folder}: checkpoint has encoder weights the config has no place for, e.g. "
+                         f"{extra_encoder[:5]} ({len(extra_encoder)} extra); does config.json match the weights?")
     usable = {k: v for k, v in state.items() if k in ours}
     model.load_state_dict(usable, strict=False)
     model.tie_weights()
-    model.newly_initialized = missing  # e.g. a fresh classifier head
+    if missing:  # e.g. a fresh classifier head on a pretrained encoder
+        log.info("%s: not in the checkpoint, newly initialised: %s", folder, ", ".join(missing))
     return model
 
 
 # ---- writing --------------------------------------------------------------------------------
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_files(writers: dict) -> None:
+    """{path: write(tmp_path)}: write every file under a temporary name beside it, then rename them
+    all. A crash leaves each file whole (old or new), and no file is replaced unless every write
+    succeeded. The files get the permissions a plain open() gives (mkstemp's are owner-only)."""
+    temporary = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writers.items():
+            fd, temporary[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write(temporary[path])
+            os.chmod(temporary[path], 0o666 & ~_umask())
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temporary.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def save_folder(model, folder: str | Path, state_dict: dict | None = None):
@@ -199,6 +224,7 @@ def save_folder(model, folder: str | Path, state_dict: dict | None = None):
     config["gradient_checkpointing"] = False  # a training setting, not a property of the weights
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     config["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json",
-                  lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    _write_files({
+        folder / "model.safetensors": lambda p: save_file(state, p, metadata={"format": "pt"}),
+        folder / "config.json": lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    })

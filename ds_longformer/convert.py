@@ -47,9 +47,10 @@ def has_mlm_head(folder: str | Path) -> bool:
     return any(k.startswith(("lm_head.", "cls.predictions.")) for k in read_state_dict(folder))
 
 
-def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: int | list[int] = 512):
-    """Load a short encoder from `source` and return the long model (LongformerForMaskedLM when the
-    source has an MLM head, else LongformerModel)."""
+def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: int | list[int] | None = None):
+    """Load a short encoder (or a Longformer) from `source` and return the long model
+    (LongformerForMaskedLM when the source has an MLM head, else LongformerModel). attention_window
+    None: 512 for a short encoder, the source's own windows for a Longformer."""
     cls = LongformerForMaskedLM if has_mlm_head(source) else LongformerModel
     model = cls.from_pretrained(source, attention_window=attention_window)
     config = model.config
@@ -81,7 +82,8 @@ def save_tokenizer(source: str | Path, output: str | Path, max_pos: int) -> bool
     return True
 
 
-def convert(source: str | Path, output: str | Path, max_pos: int = 4096, attention_window: int | list[int] = 512):
+def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
+            attention_window: int | list[int] | None = None):
     """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
     model_type = read_config_json(source).get("model_type")
     model = convert_to_long(source, max_pos, attention_window)
@@ -95,14 +97,18 @@ def convert(source: str | Path, output: str | Path, max_pos: int = 4096, attenti
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ds_longformer.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="local Hugging Face folder of the short model")
+    p.add_argument("--source", required=True,
+                   help="local Hugging Face folder of the model to lengthen (a short encoder or a Longformer)")
     p.add_argument("--output", required=True, help="folder to write the long model to")
     p.add_argument("--max_pos", type=int, default=4096, help="positions of the long model (default 4096)")
-    p.add_argument("--attention_window", type=int, nargs="+", default=[512],
-                   help="total window, one value for all layers or one per layer (default 512)")
+    p.add_argument("--attention_window", type=int, nargs="+", default=None,
+                   help="total window, one value for all layers or one per layer (default: 512 for a "
+                        "short encoder, the source's own windows for a Longformer)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    window = args.attention_window[0] if len(args.attention_window) == 1 else args.attention_window
+    window = args.attention_window
+    if window is not None and len(window) == 1:
+        window = window[0]
     convert(args.source, args.output, args.max_pos, window)
 
 

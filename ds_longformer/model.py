@@ -94,6 +94,8 @@ class LongformerIntermediate(nn.Module):
     def __init__(self, config: LongformerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -375,6 +377,3 @@ class LongformerForCandidateScoring(LongformerPreTrainedModel):
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden)
 
-
-HEADS = {cls.hf_architecture: cls for cls in (
-    LongformerModel, LongformerForMaskedLM, LongformerForSequenceClassification, LongformerForCandidateScoring)}

@@ -46,6 +46,7 @@ from .tasks_common import (
     load_baseline,
     load_tokenizer,
     log_record,
+    model_loader,
     rank_zero_first,
     resolve_model_path,
     task_parser,
@@ -72,6 +73,7 @@ def build_parser():
 
 
 # ---- model --------------------------------------------------------------------------------------
+@model_loader
 def load_long_model(model_path: Path, max_pos: int, attention_window: int) -> tuple[LongformerForMaskedLM, bool]:
     """(long MLM model, whether it was converted from a short one)."""
     if read_config_json(model_path).get("model_type") == "longformer":
@@ -82,6 +84,7 @@ def load_long_model(model_path: Path, max_pos: int, attention_window: int) -> tu
     return convert_to_long(model_path, max_pos, attention_window), True
 
 
+@model_loader
 def load_weights(model: LongformerForMaskedLM, path: str | Path) -> None:
     """Load --state_dict_path: a save_pretrained folder, or a file holding model.state_dict()."""
     path = Path(path)
@@ -93,6 +96,11 @@ def load_weights(model: LongformerForMaskedLM, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise TaskError(f"--state_dict_path {path} does not exist")
+    ours = model.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+                  for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    if mismatched:
+        raise TaskError(f"--state_dict_path {path} does not fit the model's shapes: {mismatched[:5]}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = set(missing) - set(model.tied_weights)  # save_pretrained writes tied tensors once
     if missing or unexpected:

@@ -45,6 +45,7 @@ from .convert import convert
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
 from .quickstart_data import filler_sentences, make_documents
+from .tasks_common import accuracy_stats, reduce_accuracy
 from .trainer import Trainer, TrainerArgs, init_distributed, seed_everything
 
 EVIDENCE_MARGIN = 1.2  # evidence starts past 1.2 x the short model's length (token 614 for 512)
@@ -126,15 +127,6 @@ def convert_and_check(model_path: str, long_dir: Path, max_seq_len: int, window:
 
 
 # ---- step 3 -------------------------------------------------------------------------------------
-def batch_accuracy(outputs, batch) -> dict:
-    labels = batch["labels"].to(outputs.logits.device)
-    return {"correct": (outputs.logits.argmax(-1) == labels).sum().item()}
-
-
-def reduce_accuracy(totals: dict) -> dict:
-    return {"accuracy": totals["correct"] / totals["samples"]}
-
-
 def per_rank_batch(batch_size: int) -> int:
     """--batch_size counts all ranks, so a run means the same whatever the launcher started."""
     return max(1, batch_size // dist.get_world_size())
@@ -155,7 +147,7 @@ def fine_tune(name: str, model_dir: Path | str, train_ds, eval_ds, tokenizer, ar
         default_root_dir=args.output_dir, project_name=name, seed=args.seed,
         save_every_n_steps=0, keep_last_k=1, best_metric="accuracy", best_mode="max")
     trainer = Trainer(model, trainer_args, train_ds, eval_ds, collate_fn=PaddingCollator(tokenizer.pad_token_id),
-                      compute_metrics=batch_accuracy, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
+                      compute_metrics=accuracy_stats, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
     summary = trainer.fit()
     if trainer.rank == 0:
         # The resumable DeepSpeed checkpoint (weights + Adam state) is of no use to a demo;

@@ -12,6 +12,8 @@
 * ``log_record(trainer, metrics)``: extra records (the step-0 report, test metrics) in the run's
   ``metrics.jsonl`` and TensorBoard, next to the trainer's validation records.
 * ``accuracy_stats`` / ``reduce_accuracy``: the trainer's metric hooks for label predictions.
+* ``model_loader``: marks a function that reads a model folder; its FileNotFoundError/ValueError
+  (no config.json, weights that do not fit the config, an impossible window) become TaskErrors.
 * ``cli(main)``: run a task's ``main`` as a program; user errors (a missing dataset, a malformed
   file, a wrong model folder) print their message and exit with status 1, without a traceback.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -74,10 +77,23 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(resolve_model_path(name)))
 
 
+def model_loader(load):
+    """Errors of reading a model folder (checkpoint.py and config.py raise FileNotFoundError or
+    ValueError naming the folder and the problem) become TaskErrors: a message, not a traceback."""
+    @functools.wraps(load)
+    def run(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except (FileNotFoundError, ValueError) as err:
+            raise TaskError(str(err)) from err
+    return run
+
+
 def _model_type(path: Path) -> str | None:
     return read_config_json(path).get("model_type")
 
 
+@model_loader
 def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
     """(model, input length) from a Longformer folder; the length defaults to the model's."""
     path = resolve_model_path(str(path))
@@ -92,6 +108,7 @@ def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **ove
     return model, max_len
 
 
+@model_loader
 def load_baseline(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
     """(model, input length) for the RoBERTa baseline: full attention over at most 512 tokens."""
     path = resolve_model_path(str(path))

@@ -496,7 +496,10 @@ class Trainer:
     def _step_extras(self) -> dict:
         extras = {}
         if self.engine.fp16_enabled():
-            extras["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            # ZeRO's optimizers keep it in cur_scale, ZeRO-0's FP16_Optimizer in loss_scale_config
+            optimizer = self.engine.optimizer
+            config = getattr(optimizer, "loss_scale_config", None)
+            extras["train/loss_scale"] = float(config.cur_scale if config is not None else optimizer.cur_scale)
         if torch.cuda.is_available():
             extras["train/gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:

@@ -20,6 +20,8 @@ extended tokenizer; transformers' LongformerModel loads the encoder.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -57,17 +59,6 @@ class WikiHopModel(LongformerForCandidateScoring):
         return ModelOutput(loss=loss, logits=logits)
 
 
-class WikiHopCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features) -> dict:
-        batch = collate_wikihop(features, self.pad_token_id)
-        # The trainer counts a batch's samples along its first tensor: the per-example labels,
-        # not the per-chunk rows.
-        return {"labels": batch.pop("labels"), **batch}
-
-
 def build_parser():
     parser = task_parser("wikihop", __doc__, lr=3e-5, weight_decay=0.01, epochs=5, batch_size=1,
                          default_root_dir="./model/", val_check_interval=10, project_name="WikihopQA",
@@ -100,11 +91,17 @@ def main(argv=None) -> dict:
     load_model = load_longformer if args.longformer else load_baseline
     model, max_len = load_model(WikiHopModel, model_path, args.max_seq_len)
     add_wikihop_tokens(tokenizer, model, generator=torch.Generator().manual_seed(args.seed))
-    train, val = (WikiHopChunkDataset(tokenized[split], tokenizer, max_len, args.max_chunks)
-                  for split in ("train", "val"))
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            splits[split] = WikiHopChunkDataset(tokenized[split], tokenizer, max_len, args.max_chunks)
+        except ValueError as err:
+            raise TaskError(f"--{split}_data: {err}; give a longer --max_seq_len (this model reads up to "
+                            f"{max_len} tokens)") from err
+    train, val = splits["train"], splits["val"]
     trainer = Trainer(model, TrainerArgs.from_namespace(args), train, val,
-                      collate_fn=WikiHopCollator(tokenizer.pad_token_id), compute_metrics=accuracy_stats,
-                      reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
+                      collate_fn=partial(collate_wikihop, pad_token_id=tokenizer.pad_token_id),
+                      compute_metrics=accuracy_stats, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
     return trainer.fit()
 
 

@@ -4,8 +4,8 @@
 #   bash launch/multi_gpu.sh [--dry-run] NGPUS MODULE [ARGS...]
 #   bash launch/multi_gpu.sh 8 ds_longformer.pretrain --deepspeed_config zero3 ...
 #
-# LAUNCHER=deepspeed (default: `deepspeed --num_gpus N`) or LAUNCHER=torchrun. OMP_NUM_THREADS
-# defaults to cores / N (the deepspeed launcher leaves it unset). MASTER_PORT defaults to 29500.
+# LAUNCHER=deepspeed (default; the first N of CUDA_VISIBLE_DEVICES when set) or LAUNCHER=torchrun.
+# OMP_NUM_THREADS defaults to cores / N (the deepspeed launcher leaves it unset). MASTER_PORT defaults to 29500.
 # --dry-run (or DRY_RUN=1) prints the command (stdout) instead of running it.
 set -euo pipefail
 DRY_RUN=${DRY_RUN:-0}
@@ -21,9 +21,21 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPUS > 0 ? $(nproc) / NGPUS : 1 ))}
 PORT=${MASTER_PORT:-29500}
 
+# `deepspeed --num_gpus N` drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1: name the first N
+# visible GPUs with --include instead, so CUDA_VISIBLE_DEVICES=4,5 picks GPUs 4 and 5.
+DEVICES=(--num_gpus "$NGPUS")
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    IFS=, read -ra VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+    if (( NGPUS > ${#VISIBLE[@]} )); then
+        echo "asked for $NGPUS GPUs but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#VISIBLE[@]}" >&2
+        exit 2
+    fi
+    DEVICES=(--include "localhost:$(IFS=,; echo "${VISIBLE[*]:0:NGPUS}")")
+fi
+
 case "${LAUNCHER:-deepspeed}" in
     # --no_local_rank: the task CLIs take no --local_rank (LOCAL_RANK is in the environment).
-    deepspeed) cmd=(deepspeed --num_gpus "$NGPUS" --master_port "$PORT" --no_local_rank --module "$MODULE" "$@") ;;
+    deepspeed) cmd=(deepspeed "${DEVICES[@]}" --master_port "$PORT" --no_local_rank --module "$MODULE" "$@") ;;
     torchrun) cmd=(torchrun --nproc_per_node "$NGPUS" --master_port "$PORT" -m "$MODULE" "$@") ;;
     *) echo "LAUNCHER must be deepspeed or torchrun, got ${LAUNCHER}" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@
 #   bash launch/quickstart.sh [--dry-run] [QUICKSTART ARGS...]
 #   bash launch/quickstart.sh --max_seq_len 4096 --steps 200
 #
-# GPUs: `deepspeed --num_gpus N` over all visible GPUs. No GPU: 2 CPU processes (gloo, DeepSpeed's
+# GPUs: the deepspeed launcher over all visible GPUs (CUDA_VISIBLE_DEVICES respected). No GPU: 2 CPU processes (gloo, DeepSpeed's
 # CPU accelerator), OMP_NUM_THREADS = cores / 2 unless set. Both go through launch/multi_gpu.sh;
 # --batch_size stays the documents per step of all ranks together, so results do not depend on N.
 # --dry-run (or DRY_RUN=1) prints the command (stdout) instead of running it.

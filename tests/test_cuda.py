@@ -71,13 +71,14 @@ def test_low_precision_training_steps_stay_finite(dtype, backend):
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_zero2_trainer_on_one_gpu(tmp_path, precision):
-    """The Trainer with ds_configs/zero2.json on one GPU (torch's AdamW instead of DeepSpeed's
-    FusedAdam, which would first be JIT-compiled): finite losses, finite trained weights."""
+@pytest.mark.parametrize("config, precision", [("zero2", "fp16"), ("zero2", "bf16"), ("zero0", "fp16")])
+def test_trainer_on_one_gpu(tmp_path, config, precision):
+    """The Trainer with ds_configs/zero2.json (and zero0.json, whose fp16 optimizer keeps its loss
+    scale elsewhere than ZeRO's) on one GPU (torch's AdamW instead of DeepSpeed's FusedAdam, which
+    would first be JIT-compiled): finite losses, finite trained weights."""
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "tests.trainer_helpers", "--deepspeed_config", "zero2", "--precision", precision,
+    cmd = [sys.executable, "-m", "tests.trainer_helpers", "--deepspeed_config", config, "--precision", precision,
            "--max_steps", "4", "--ds_override", '{"optimizer": {"params": {"torch_adam": true}}}',
            "--default_root_dir", str(tmp_path), "--dump", str(tmp_path / "dump")]
     done = subprocess.run(cmd, cwd=repo, env={**env, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
@@ -86,7 +87,7 @@ def test_zero2_trainer_on_one_gpu(tmp_path, precision):
     summary = json.loads((tmp_path / "dump" / "summary.json").read_text())
     assert summary["global_step"] == 4 and torch.isfinite(torch.tensor(summary["train_loss"]))
     state = json.loads(Path(summary["run_dir"], "checkpoints", "global_step4", "trainer_state.json").read_text())
-    assert state["zero_stage"] == 2
+    assert state["zero_stage"] == int(config.removeprefix("zero"))
     params = torch.load(tmp_path / "dump" / "params_rank0.pt")
     assert all(torch.isfinite(p).all() for p in params.values())
     assert torch.isfinite(torch.load(tmp_path / "dump" / "logits.pt")).all()

@@ -37,10 +37,19 @@ TASK = ["ds_longformer.pretrain", "--max_steps", "3", "--project_name", "a b"]
 ])
 def test_dry_run_prints_the_command(script, head, expected):
     for how in (["--dry-run"], []):
-        proc = bash(f"launch/{script}", *how, *head, *TASK, env={"DRY_RUN": "1"} if not how else None)
+        env = {"CUDA_VISIBLE_DEVICES": "", **({"DRY_RUN": "1"} if not how else {})}  # "" = unset
+        proc = bash(f"launch/{script}", *how, *head, *TASK, env=env)
         assert proc.returncode == 0, proc.stderr
         line = proc.stdout.strip()
         assert expected in line and line.endswith("--max_steps 3 --project_name a\\ b"), line
+
+
+def test_multi_gpu_keeps_cuda_visible_devices():
+    """deepspeed --num_gpus would drop CUDA_VISIBLE_DEVICES and use GPUs 0..N-1."""
+    proc = bash("launch/multi_gpu.sh", "--dry-run", "2", *TASK, env={"CUDA_VISIBLE_DEVICES": "4,5,6"})
+    assert "deepspeed --include localhost:4\\,5 --master_port" in proc.stdout, proc.stdout
+    proc = bash("launch/multi_gpu.sh", "--dry-run", "2", *TASK, env={"CUDA_VISIBLE_DEVICES": "4"})
+    assert proc.returncode == 2 and "CUDA_VISIBLE_DEVICES=4 names 1" in proc.stderr
 
 
 def test_multi_gpu_can_use_torchrun():

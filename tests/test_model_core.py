@@ -517,3 +517,55 @@ def test_checkpoint_of_other_architecture_or_shape(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         LongformerForMaskedLM.from_pretrained(tmp_path / "nothing_here")
+
+
+def test_checkpoint_with_more_encoder_weights_than_its_config(tmp_path):
+    """A config.json of 1 layer beside 2 layers' weights: refused, not silently truncated."""
+    LongformerForMaskedLM(tiny_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, attention_window=[8])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"the config has no place for, e.g. \['longformer.encoder.layer.1"):
+        LongformerForMaskedLM.from_pretrained(tmp_path)
+    # The right config loads it; the MLM head's weights are ignored by the bare encoder.
+    LongformerModel.from_pretrained(tmp_path, num_hidden_layers=2, attention_window=8)
+
+
+def test_unsupported_activation_is_named():
+    with pytest.raises(ValueError, match="hidden_act='silu' is not supported"):
+        LongformerModel(tiny_config(hidden_act="silu"))
+
+
+def test_saved_files_are_whole_and_readable_by_all(tmp_path):
+    """Files get the permissions a plain open() gives (umask applies), no temporary file stays, and
+    a failed save replaces nothing."""
+    import os
+
+    from ds_longformer import checkpoint
+
+    model = LongformerForMaskedLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def fail(path):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint._write_files({tmp_path / "model.safetensors": lambda p: open(p, "wb").write(b"new"),
+                                 tmp_path / "config.json": fail})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_lengthening_a_longformer_keeps_its_windows(tmp_path):
+    LongformerForMaskedLM(tiny_config(attention_window=[4, 12], max_position_embeddings=34)).save_pretrained(tmp_path / "lf")
+    longer = convert(tmp_path / "lf", tmp_path / "longer", max_pos=64)
+    assert longer.config.attention_window == [4, 12]
+    assert longer.config.max_position_embeddings == 66  # 2 reserved rows + 64 positions
+    table = longer.longformer.embeddings.position_embeddings.weight
+    assert torch.equal(table[2:34], table[34:66])

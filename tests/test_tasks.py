@@ -192,6 +192,20 @@ def test_longformer_tasks_refuse_a_short_model(models, tmp_path, capsys):
     assert "needs --model_path" in capsys.readouterr().err
 
 
+def test_wrong_model_folders_are_a_message_not_a_traceback(models, tmp_path, capsys):
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    (tmp_path / "empty").mkdir()
+    fewer_layers = tmp_path / "fewer_layers"  # config.json says 1 layer, the weights hold 2
+    LongformerForMaskedLM.from_pretrained(models.long).save_pretrained(fewer_layers)
+    config = json.loads((fewer_layers / "config.json").read_text())
+    config.update(num_hidden_layers=1, attention_window=[32])
+    (fewer_layers / "config.json").write_text(json.dumps(config))
+    for folder, expected in ((tmp_path / "empty", "config.json"), (fewer_layers, "the config has no place for")):
+        with pytest.raises(SystemExit) as exit_:
+            cli(classify.main, ["--model", "Longformer", "--model_path", str(folder), "--data_dir", str(data)])
+        assert exit_.value.code == 1 and expected in capsys.readouterr().err
+
+
 # ---- building blocks ----------------------------------------------------------------------------
 def test_roberta_baseline_is_exactly_roberta(models):
     model, max_len = load_baseline(LongformerForMaskedLM, models.short)
@@ -225,6 +239,10 @@ def test_state_dict_path_loads_a_folder_or_a_file(models, tmp_path):
         pretrain.load_weights(model, tmp_path / "encoder.pt")
     with pytest.raises(TaskError, match="does not exist"):
         pretrain.load_weights(model, tmp_path / "nothing.pt")
+    wider = {k: torch.cat([v, v]) if k.endswith("word_embeddings.weight") else v for k, v in earlier.state_dict().items()}
+    torch.save(wider, tmp_path / "wider.pt")
+    with pytest.raises(TaskError, match="does not fit the model's shapes: .*word_embeddings"):
+        pretrain.load_weights(model, tmp_path / "wider.pt")
 
 
 def test_validation_masks_are_fixed_per_block(models):
@@ -408,6 +426,16 @@ def test_wikihop_longformer_one_process(models, wikihop_files, tmp_path):
     wikihop.main(list(map(str, wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long,
                                             "--max_seq_len", 96))))
     check_wikihop_run(tmp_path / "WikihopQA", 96)
+
+
+def test_wikihop_refuses_questions_that_fill_the_input_before_training(models, wikihop_files, tmp_path, capsys):
+    argv = wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long, "--max_seq_len", 16)
+    with pytest.raises(SystemExit) as exit_:
+        cli(wikihop.main, list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "--train_data" in err and "max_len=16" in err and "no room for supports" in err and "--max_seq_len" in err
+    assert not (tmp_path / "WikihopQA").exists()  # refused before the trainer was built
 
 
 def test_wikihop_roberta_baseline_two_ranks(models, wikihop_files, tmp_path):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 from ds_longformer.trainer import (
     CONFIG_DIR,
     ResumableDistributedSampler,
+    Trainer,
     TrainerArgs,
     add_trainer_args,
     build_ds_config,
@@ -261,3 +263,11 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     assert proc.returncode != 0
     assert "training loss is nan at step 3" in proc.stderr
     assert (run_dir(tmp_path) / "checkpoints" / "latest").read_text() == "global_step2"
+
+
+def test_fp16_loss_scale_is_read_from_zero_and_zero0_optimizers():
+    """ZeRO's fp16 optimizers have cur_scale; ZeRO-0's FP16_Optimizer keeps it in loss_scale_config."""
+    for optimizer, scale in ((SimpleNamespace(cur_scale=1024.0), 1024.0),
+                             (SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=512.0)), 512.0)):
+        engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=optimizer)
+        assert Trainer._step_extras(SimpleNamespace(engine=engine))["train/loss_scale"] == scale

@@ -320,6 +320,13 @@ def build_chunks(row: dict, max_len: int, end_id: int, max_chunks: int | None = 
 class WikiHopChunkDataset(torch.utils.data.Dataset):
     def __init__(self, tokenized: datasets.Dataset, tokenizer, max_len: int, max_chunks: int | None = None):
         self.tokenized = tokenized
+        # build_chunks would fail on such an example mid-epoch: refuse them all before training.
+        too_long = [(i, n) for i, n in enumerate(map(len, tokenized["prefix_ids"])) if n > max_len - 2]
+        if too_long:
+            i, n = max(too_long, key=lambda t: t[1])
+            raise ValueError(
+                f"{len(too_long)} WikiHop example(s) have a question and candidates that fill max_len={max_len} "
+                f"on their own, leaving no room for supports (the longest: id {tokenized[i]['id']!r}, {n} tokens)")
         self.end_id = sequence_bounds(tokenizer)[1]
         self.max_len = max_len
         self.max_chunks = max_chunks
