@@ -575,7 +575,11 @@ def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayou
     attend = flex_attention
     if q.device.type == "cuda":  # the fused kernel needs torch.compile; eager flex is a dense fallback
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            # dynamic=None (automatic): one static kernel while every batch has the same shape; once
+            # the batch size or padded length changes (padding to the longest document, the last
+            # batch), one shape-generic kernel. dynamic=False would compile anew for each shape
+            # until dynamo's cache limit, then fall back to the dense eager path.
+            _compiled_flex = torch.compile(flex_attention, dynamic=None)
         attend = _compiled_flex
     out = attend(q, k, v, block_mask=block_mask)
     return out.transpose(1, 2)[:, :N]

@@ -12,9 +12,11 @@ Roberta: the short model with the same classification head, full attention, inpu
 512 tokens. Data (--data_dir, default ./data/<dataset>): see ds_longformer.data.imdb and
 ds_longformer.data.hyperpartisan for the accepted published layouts.
 
-Metrics: accuracy and F1 of the positive class (IMDB: positive review, Hyperpartisan: "true",
-the task's reported metric), on dev at every --val_check_interval steps and on test once training
-ends (printed and appended to metrics.jsonl as test/accuracy, test/f1). The final model is tested.
+Metrics: accuracy, F1 of the positive class (f1; IMDB: positive review, Hyperpartisan: "true")
+and the mean F1 of both classes (f1_macro), on dev at every --val_check_interval steps and on test
+once training ends (printed and appended to metrics.jsonl as test/accuracy, test/f1,
+test/f1_macro). The final model is tested. The Longformer has global attention on <s>; the
+RoBERTa baseline none (it must stay exactly RoBERTa).
 """
 
 from __future__ import annotations
@@ -60,15 +62,23 @@ def build_parser():
 
 
 def classification_stats(outputs, batch) -> dict:
-    """Per-batch sums: correct predictions, examples and the positive class's confusion counts."""
+    """Per-batch sums: correct predictions, examples and the confusion counts of class 1."""
     predicted, gold = outputs.logits.argmax(-1).cpu() == 1, batch["labels"] == 1
     return {**accuracy_stats(outputs, batch), "tp": (predicted & gold).sum().item(),
-            "fp": (predicted & ~gold).sum().item(), "fn": (~predicted & gold).sum().item()}
+            "fp": (predicted & ~gold).sum().item(), "fn": (~predicted & gold).sum().item(),
+            "tn": (~predicted & ~gold).sum().item()}
+
+
+def _f1(hits: float, false_positives: float, false_negatives: float) -> float:
+    return 2 * hits / (2 * hits + false_positives + false_negatives) if hits else 0.0
 
 
 def reduce_classification(totals: dict) -> dict:
-    tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
-    return {**reduce_accuracy(totals), "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+    """accuracy; f1: F1 of class 1 (hyperpartisan / positive); f1_macro: the mean of both classes'
+    F1 (scikit-learn's average='macro')."""
+    tp, fp, fn, tn = totals["tp"], totals["fp"], totals["fn"], totals["tn"]
+    f1, f1_negative = _f1(tp, fp, fn), _f1(tn, fn, fp)
+    return {**reduce_accuracy(totals), "f1": f1, "f1_macro": (f1 + f1_negative) / 2}
 
 
 def main(argv=None) -> dict:
@@ -86,7 +96,9 @@ def main(argv=None) -> dict:
     model, max_len = load_model(LongformerForSequenceClassification, model_path, args.max_seq_len,
                                 num_labels=len(id2label), id2label=id2label)
     tokenizer = load_tokenizer(args.tokenizer_name or model_path)
-    encoded = {split: encode_classification(examples[split], tokenizer, max_len, num_proc=args.num_workers or None)
+    # Global attention on <s> for the Longformer; none for the baseline, which must stay exactly RoBERTa.
+    encoded = {split: encode_classification(examples[split], tokenizer, max_len, num_proc=args.num_workers or None,
+                                            global_first=args.model == "Longformer")
                for split in ("train", "dev", "test")}
 
     trainer = Trainer(model, TrainerArgs.from_namespace(args), encoded["train"], encoded["dev"],

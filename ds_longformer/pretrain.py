@@ -3,7 +3,7 @@
     python -m ds_longformer.pretrain --model_path distilbert/distilroberta-base \\
         --data_dir data/wikitext-103-raw --max_pos 4096 --max_seq_len 4096 --attention_window 512 \\
         --copy_global_projections --save_model_to data/long_model
-    deepspeed --num_gpus 8 -m ds_longformer.pretrain ... --deepspeed_config zero2
+    bash launch/multi_gpu.sh 8 ds_longformer.pretrain ... --deepspeed_config zero2
 
 1. --model_path is a short model (RoBERTa/BERT folder with an MLM head): it is converted
    (positions copied up to --max_pos, global projections copied, window --attention_window). A
@@ -51,7 +51,7 @@ from .tasks_common import (
     resolve_model_path,
     task_parser,
 )
-from .trainer import Trainer, TrainerArgs, seed_everything
+from .trainer import Trainer, TrainerArgs, reduce_across_ranks, seed_everything
 
 
 def build_parser():
@@ -183,8 +183,7 @@ def short_model_report(args, model_path: Path, tokenizer, collate) -> dict:
             outputs = model(**{k: v.to(device) for k, v in batch.items()})
             n, stats = len(batch["input_ids"]), masked_nll(outputs, batch)
             totals += torch.tensor([outputs.loss.item() * n, n, stats["nll"], stats["masked"]], dtype=torch.float64)
-    dist.all_reduce(totals)
-    loss_sum, n, nll, masked = totals.tolist()
+    loss_sum, n, nll, masked = reduce_across_ranks(totals).tolist()
     # "loss" as the trainer defines it (sample-weighted mean of the batch losses), so the two compare.
     metrics = {"loss": loss_sum / n, **bpc_metrics(split)({"nll": nll, "masked": masked})}
     return {f"short_model/{k}": v for k, v in metrics.items()}

@@ -241,7 +241,9 @@ def main(argv=None) -> dict:
     docs = make_documents(long_tok, args.num_docs + args.eval_docs, args.max_seq_len - 2, evidence_after,
                           args.evidence_sentences, seed=args.seed, progress=rank == 0)
     train_docs, eval_docs = docs[:args.num_docs], docs[args.num_docs:]
-    encoded = {name: (encode_classification(train_docs, tok, n), encode_classification(eval_docs, tok, n))
+    # Global attention on [CLS] for the Longformer only: the short model must stay exactly itself.
+    encoded = {name: tuple(encode_classification(docs, tok, n, global_first=name == "long")
+                           for docs in (train_docs, eval_docs))
                for name, tok, n in (("long", long_tok, args.max_seq_len), ("short", short_tok, short_len))}
     lengths = sorted(len(x) for x in encoded["long"][0]["input_ids"])
     evidence = sorted(d["evidence_token"] for d in docs)

@@ -42,8 +42,10 @@ section the lr follows transformers' linear warmup + linear decay.
 Exact resume (``--resume latest|PATH``) restores weights, optimizer, lr schedule, the position in
 the epoch's data order and every rank's python/numpy/torch RNG; randomness drawn inside
 DataLoader workers (``num_workers > 0``) restarts at the resume point instead. With another
-number of ranks, a ZeRO-0 checkpoint or a ``ds_to_universal`` folder loads (same samples, new RNG);
-a ZeRO-1/2/3 checkpoint stops with the conversion command.
+number of ranks, a ZeRO-0 checkpoint or a ``ds_to_universal`` folder loads (same samples, new RNG;
+with --epochs the steps left are re-planned for the new global batch); a ZeRO-1/2/3 checkpoint
+stops with the conversion command. A resumed run first drops the records the interrupted one
+logged after its checkpoint (TensorBoard purge_step, metrics.jsonl), so each step is logged once.
 """
 
 from __future__ import annotations
@@ -165,6 +167,16 @@ def init_distributed() -> tuple[int, int]:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     return dist.get_rank(), dist.get_world_size()
+
+
+def reduce_across_ranks(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """all_reduce of a small CPU tensor (counts, sums), returned on CPU. It travels on the
+    accelerator: NCCL reduces CUDA tensors only (gloo, on CPU, reduces them in place)."""
+    from deepspeed.accelerator import get_accelerator
+
+    on_device = values.to(get_accelerator().current_device_name())
+    dist.all_reduce(on_device, op=op)
+    return on_device.cpu()
 
 
 def _free_port() -> int:
@@ -293,7 +305,7 @@ def _step_of(tag_dir: Path) -> int:
 class _Monitor:
     """Rank 0's TensorBoard writer, metrics.jsonl and progress bar (no-ops on other ranks)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total: int, initial: int):
+    def __init__(self, run_dir: Path, enabled: bool, total: int, initial: int, resumed: bool):
         self.enabled = enabled
         if not enabled:
             return
@@ -301,8 +313,13 @@ class _Monitor:
         from tqdm.auto import tqdm
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(run_dir))
+        # A resumed run repeats the steps after its checkpoint: drop what the interrupted run
+        # logged for them, so every step has one record (TensorBoard's purge_step does it there).
+        self.writer = SummaryWriter(str(run_dir), purge_step=initial + 1 if resumed else None)
         self.jsonl = run_dir / "metrics.jsonl"
+        if resumed and self.jsonl.is_file():
+            rows = [line for line in self.jsonl.read_text().splitlines() if json.loads(line)["step"] <= initial]
+            _atomic_write_text(self.jsonl, "".join(row + "\n" for row in rows))
         self.bar = tqdm(total=total, initial=initial, desc="train", mininterval=1.0, dynamic_ncols=True)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -342,10 +359,11 @@ class Trainer:
                  tokenizer=None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from transformers import get_linear_schedule_with_warmup
 
         if args.best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {args.best_mode!r}")
+        if args.log_every_n_steps < 1:
+            raise ValueError(f"--log_every_n_steps must be at least 1, got {args.log_every_n_steps}")
         self.args, self.tokenizer = args, tokenizer
         self.val_dataset, self.collate_fn = val_dataset, collate_fn
         self.compute_metrics, self.reduce_metrics = compute_metrics, reduce_metrics
@@ -377,8 +395,16 @@ class Trainer:
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": args.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+
+        def linear_warmup_decay(step: int) -> float:
+            """transformers' get_linear_schedule_with_warmup, reading total_steps when called: a
+            run resumed with another number of ranks re-plans its steps (see _planned_total_steps)."""
+            if step < args.warmup_steps:
+                return step / max(1, args.warmup_steps)
+            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - args.warmup_steps))
+
         scheduler = None if "scheduler" in config else (
-            lambda opt: get_linear_schedule_with_warmup(opt, args.warmup_steps, self.total_steps))
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay))
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config,
                                                     lr_scheduler=scheduler)
         forward = inspect.signature(self.engine.module.forward).parameters
@@ -389,18 +415,36 @@ class Trainer:
         self.best_value, self.best_step, self.last_val_metrics = None, None, None
         self._validated_at = self._saved_at = -1  # steps of the last validation / checkpoint
         self._last_logged: dict = {}
+        self._resumed = resume_from is not None
         if resume_from is not None:
             self._load_checkpoint(*resume_from)
             self._saved_at = self.global_step
+            if args.max_steps <= 0:
+                planned = self._planned_total_steps()
+                if planned != self.total_steps and "scheduler" in config:
+                    logger.warning("resumed with another number of ranks: %d steps left instead of %d, but the "
+                                   "DeepSpeed config's scheduler keeps total_num_steps=%d", planned - self.global_step,
+                                   self.total_steps - self.global_step, self.total_steps)
+                self.total_steps = planned
 
     @property
     def global_step(self) -> int:
         return self.engine.global_steps
 
+    def _planned_total_steps(self) -> int:
+        """--epochs after a resume: the steps taken so far plus those the rest of the epochs take at
+        this world size (a step's global batch, and so steps_per_epoch, changes with the ranks)."""
+        if self.epoch >= self.args.epochs:
+            return self.global_step
+        per_rank_left = self.sampler.num_samples - self.epoch_samples // self.world_size
+        left_this_epoch = per_rank_left // self.args.batch_size // self.args.gradient_accumulation_steps
+        return self.global_step + left_this_epoch + (self.args.epochs - self.epoch - 1) * self.steps_per_epoch
+
     # ---- training -------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to max_steps / epochs; returns a summary (steps, last losses, best, paths)."""
-        monitor = _Monitor(self.run_dir, self.rank == 0, self.total_steps, self.global_step)
+        monitor = _Monitor(self.run_dir, self.rank == 0, self.total_steps, self.global_step,
+                           resumed=self._resumed)
         started = time.perf_counter()
         try:
             while self.global_step < self.total_steps:
@@ -439,7 +483,7 @@ class Trainer:
             totals += torch.tensor([outputs.loss.item(), _batch_tokens(batch), _batch_size(batch)],
                                    dtype=torch.float64)
             if boundary:  # one all-reduce per step: every rank logs the same values and stops together
-                dist.all_reduce(totals)
+                totals = reduce_across_ranks(totals)
                 loss = totals[0].item() / (ga * self.world_size)
                 if not math.isfinite(loss):
                     raise FloatingPointError(self._nan_message(loss))
@@ -535,8 +579,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
         self.engine.train()
         keys = sorted(sums)
-        reduced = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(reduced)
+        reduced = reduce_across_ranks(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         totals = dict(zip(keys, reduced.tolist()))
         metrics = {"loss": totals["loss_sum"] / totals["loss_samples"]} if totals["loss_samples"] else {}
         task = {k: v for k, v in totals.items() if k not in ("loss_sum", "loss_samples")}
@@ -553,8 +596,7 @@ class Trainer:
         loader = DataLoader(Subset(dataset, shard or [0]), self.args.batch_size, collate_fn=self.collate_fn,
                             num_workers=self.args.num_workers, generator=torch.Generator().manual_seed(0))
         real = len(loader) if shard else 0
-        most = torch.tensor([real])
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        most = reduce_across_ranks(torch.tensor([real]), op=dist.ReduceOp.MAX)
         batch = None
         for i, batch in enumerate(loader):
             if i == real:
@@ -581,15 +623,22 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "epoch_samples": self.epoch_samples,
                 "world_size": self.world_size, "zero_stage": self.engine.zero_optimization_stage(),
-                "best_value": self.best_value, "best_step": self.best_step}
+                "best_value": self.best_value, "best_step": self.best_step, "validated_at": self._validated_at}
 
     def save_checkpoint(self) -> Path:
         """DeepSpeed checkpoint of this step. `latest` moves to it only once every rank has
         finished writing (a crash mid-save leaves `latest` on the previous one)."""
         tag = f"{CKPT_PREFIX}{self.global_step}"
         tag_dir = self.ckpt_dir / tag
-        if self.rank == 0 and tag_dir.exists():
-            shutil.rmtree(tag_dir)  # leftovers of a save that crashed
+        if self.rank == 0 and tag_dir.exists():  # leftovers of a save that crashed, or of a run rolled back
+            latest = self.ckpt_dir / "latest"
+            if latest.is_file() and latest.read_text().strip() == tag:  # rolled back past it: `latest`
+                older = self._complete_checkpoints(below=self.global_step - 1)  # must not name a folder being rewritten
+                if older:
+                    _atomic_write_text(latest, older[-1].name)
+                else:
+                    latest.unlink()
+            shutil.rmtree(tag_dir)
         dist.barrier()
         state = self._trainer_state()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"trainer": state},
@@ -604,13 +653,20 @@ class Trainer:
         self._saved_at = self.global_step
         return tag_dir
 
+    def _complete_checkpoints(self, below: int) -> list[Path]:
+        """Complete checkpoint folders of steps <= below, oldest first."""
+        return sorted((p for p in self.ckpt_dir.iterdir() if 0 <= _step_of(p) <= below and (p / STATE_FILE).is_file()),
+                      key=_step_of)
+
     def _prune_checkpoints(self, keep: Path) -> None:
-        """Keep the newest `keep_last_k` complete checkpoints; drop older and unfinished ones."""
+        """Keep the newest `keep_last_k` complete checkpoints up to this step; drop older and
+        unfinished ones. Later steps (left by a run that was rolled back to an earlier checkpoint)
+        are neither counted nor deleted: the run overwrites them as it reaches them."""
         if self.args.keep_last_k <= 0:
             return
-        tags = sorted((p for p in self.ckpt_dir.iterdir() if _step_of(p) >= 0), key=_step_of)
-        complete = [p for p in tags if (p / STATE_FILE).is_file()]
-        kept = set(complete[-self.args.keep_last_k:]) | {keep}
+        step = _step_of(keep)
+        tags = [p for p in self.ckpt_dir.iterdir() if 0 <= _step_of(p) <= step]
+        kept = set(self._complete_checkpoints(below=step)[-self.args.keep_last_k:]) | {keep}
         for path in tags:
             if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
@@ -656,6 +712,7 @@ class Trainer:
         state = client["trainer"]
         self.epoch, self.epoch_samples = state["epoch"], state["epoch_samples"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self._validated_at = state.get("validated_at", -1)  # a finished run resumed does not validate again
         rng_file = load_dir / tag / f"rng_state_rank{self.rank}.pt"
         if state["world_size"] == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))

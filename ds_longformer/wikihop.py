@@ -20,9 +20,11 @@ extended tokenizer; transformers' LongformerModel loads the encoder.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import LongformerForCandidateScoring
@@ -71,6 +73,10 @@ def build_parser():
                         f"baseline (--model_path default {SHORT_MODEL})")
     g.add_argument("--cache_dir", default="./data", help="where the tokenized examples are cached")
     g.add_argument("--max_chunks", type=int, default=None, help="keep only the first N chunks of an example")
+    g.add_argument("--skip_long_questions", action="store_true",
+                   help="leave out (and count) the examples whose question and candidates alone fill the input "
+                        "(possible at the baseline's 512 tokens); without it such an example stops the run "
+                        "before training. Validation accuracy is then over the examples kept")
     return parser
 
 
@@ -93,11 +99,16 @@ def main(argv=None) -> dict:
     add_wikihop_tokens(tokenizer, model, generator=torch.Generator().manual_seed(args.seed))
     splits = {}
     for split in ("train", "val"):
-        try:
-            splits[split] = WikiHopChunkDataset(tokenized[split], tokenizer, max_len, args.max_chunks)
+        try:  # global attention on the prefix for the Longformer; none for the baseline (exactly RoBERTa)
+            splits[split] = WikiHopChunkDataset(tokenized[split], tokenizer, max_len, args.max_chunks,
+                                                global_prefix=args.longformer, skip_long=args.skip_long_questions)
         except ValueError as err:
             raise TaskError(f"--{split}_data: {err}; give a longer --max_seq_len (this model reads up to "
-                            f"{max_len} tokens)") from err
+                            f"{max_len} tokens) or pass --skip_long_questions to leave them out") from err
+        if splits[split].skipped and dist.get_rank() == 0:
+            print(f"--skip_long_questions: left out {splits[split].skipped} of {len(tokenized[split])} "
+                  f"--{split}_data examples (question and candidates longer than {max_len - 2} tokens)",
+                  file=sys.stderr)
     train, val = splits["train"], splits["val"]
     trainer = Trainer(model, TrainerArgs.from_namespace(args), train, val,
                       collate_fn=partial(collate_wikihop, pad_token_id=tokenizer.pad_token_id),

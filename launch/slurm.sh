@@ -41,7 +41,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / GPUS_PER_NODE > 0 ? CPUS / 
 # SLURM_NODEID is expanded by each node's shell, so it is quoted here; the module and its
 # arguments are passed as positional parameters and keep their quoting.
 node_cmd='exec torchrun --nnodes "$0" --node_rank "$SLURM_NODEID" --nproc_per_node "$1" --master_addr "$2" --master_port "$3" -m "${@:4}"'
-cmd=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+# --cpus-per-task again: since Slurm 22.05 srun does not inherit it from sbatch (1 CPU otherwise).
+cmd=(srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1
      bash -c "$node_cmd" "$NNODES" "$GPUS_PER_NODE" "$MASTER_ADDR" "$MASTER_PORT" "$MODULE" "$@")
 line="OMP_NUM_THREADS=$OMP_NUM_THREADS $(printf '%q ' "${cmd[@]}")"
 if [[ "$DRY_RUN" == 1 ]]; then echo "$line"; exit 0; fi

@@ -93,19 +93,21 @@ def test_clean_text_follows_longformer():
     assert clean_text("see https://x.org/a?b=1 now") == "see ?b=1 now"
     assert clean_text("What?!?! No way...") == "What! No way."  # the last mark of a run stays
     assert clean_text("&lt;b&gt;bold&lt;/b&gt; text") == "bold text"
+    assert clean_text("He said 5 &lt; 6 and 7 &gt; 3 today") == "He said 5 < 6 and 7 > 3 today"
     assert clean_text("sooooo good") == "so good"
     assert clean_text(clean_text("A and/or B!!! Visit www.z.com")) == clean_text("A and/or B!!! Visit www.z.com")
 
 
-def test_hyperpartisan_xml_reads_title_body_labels_and_splits(tmp_path):
+def test_hyperpartisan_xml_reads_body_labels_and_splits(tmp_path):
+    """The article's text without its title, as Longformer's hp_preprocess.py took it."""
     data = load_hyperpartisan(write_hyperpartisan_xml(tmp_path))
     assert [len(data[s]) for s in ("train", "dev", "test")] == [3, 1, 2]
     first = data["train"][0]
     assert first["id"] == "0" and first["label"] == 1
     assert first["text"] == (
-        "Kucinich: Reclaiming the money power Money rules the world. read more The Fed & the banks have taken over!"
+        "Money rules the world. read more The Fed & the banks have taken over!"
     )
-    assert data["train"][2]["text"] == "They are lying to you Wake up, people! Nobody believes them anymore Share this."
+    assert data["train"][2]["text"] == "Wake up, people! Nobody believes them anymore Share this."
     assert data["test"][1]["text"].endswith("on weekdays. Entry is free.")
     assert [ex["label"] for ex in data["test"]] == [1, 0]
 
@@ -220,6 +222,8 @@ def test_encode_classification_truncates_and_marks_global_start(tmp_path, tokeni
     assert long["input_ids"][-1] == tok.sep_token_id
     assert long["global_attention_mask"] == [1] + [0] * 511 and sum(long["attention_mask"]) == 512
     assert short["labels"] == 0 and short["id"] == "short" and len(short["input_ids"]) < 10
+    baseline = encode_classification(examples, tok, max_seq_len=512, global_first=False)  # no global rows
+    assert baseline[0]["global_attention_mask"] == [0] * 512 and baseline[0]["input_ids"] == long["input_ids"]
 
     batch = PaddingCollator(tok.pad_token_id, pad_to_multiple_of=64)([short, long])
     assert batch["input_ids"].shape == (2, 512) and batch["labels"].tolist() == [0, 1]
@@ -239,3 +243,21 @@ def test_padding_collator_rounds_up_and_pads_each_field():
     assert batch["labels"][1].tolist() == [-100, 7] + [-100] * 6
     assert batch["id"] == ["a", "b"]
     assert PaddingCollator(1)(features)["input_ids"].shape == (2, 4)
+
+
+def test_hyperpartisan_title_stands_in_for_an_empty_body(tmp_path):
+    write_hyperpartisan_xml(tmp_path, _articles(a3={"body": "<p> </p>"}))
+    texts = {ex["id"]: ex["text"] for split in load_hyperpartisan(tmp_path).values() for ex in split}
+    assert texts["3"] == HYPERPARTISAN_ARTICLES[3]["title"]
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    folder = write_imdb_parquet(tmp_path / "truncated") / "plain_text"
+    (folder / "test-00000-of-00001.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataFormatError, match=r"test-00000-of-00001.parquet: cannot read parquet"):
+        load_imdb(tmp_path / "truncated")
+    good = [{"text": "t", "label": "true", "id": 1}]
+    write_hyperpartisan_jsonl(tmp_path / "latin1", {"train": good, "dev": good, "test": good})
+    (tmp_path / "latin1" / "dev.jsonl").write_bytes('{"text": "caf\u00e9", "label": "true", "id": 2}\n'.encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"dev.jsonl: not UTF-8 text"):
+        load_hyperpartisan(tmp_path / "latin1")

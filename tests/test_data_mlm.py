@@ -42,6 +42,17 @@ def test_random_replacements_are_spread_over_the_vocabulary():
     assert replaced.unique().numel() > 0.9 * VOCAB
 
 
+def test_random_replacements_never_draw_special_tokens():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.full((16, 4096), 7)
+    special_ids = torch.tensor([0, 1, 2, 3, MASK])
+    masked, labels = mask_tokens(ids, torch.zeros_like(ids, dtype=torch.bool), MASK, 10, 0.5, generator=g,
+                                 special_ids=special_ids)
+    replaced = masked[(labels != -100) & (masked != MASK)]
+    assert not torch.isin(replaced, special_ids).any()
+    assert set(replaced.unique().tolist()) == {5, 6, 7, 8, 9}
+
+
 def test_same_generator_state_gives_the_same_masks():
     ids = torch.randint(5, VOCAB, (4, 256))
     special = torch.zeros_like(ids, dtype=torch.bool)

@@ -208,6 +208,23 @@ def test_max_chunks_and_a_prefix_too_long(tmp_path, tokenizer):
         build_chunks(row, 20, tokenizer.sep_token_id)
 
 
+def test_dataset_refuses_or_skips_prefixes_that_fill_the_input(tmp_path, tokenizer):
+    records = make_wikihop_records(2, n_candidates=3) + make_wikihop_records(1, n_candidates=12, seed=5)
+    for i, record in enumerate(records):
+        record["id"] = f"WH_{i}"
+    tokenized = tokenize_wikihop(load_wikihop_json(write_wikihop_json(tmp_path, records)), tokenizer)
+    lengths = [len(p) for p in tokenized["prefix_ids"]]
+    max_len = max(lengths[:2]) + 10  # room for the two short prefixes, not for the long one
+    assert lengths[2] > max_len - 2
+    with pytest.raises(ValueError, match=r"1 WikiHop example\(s\).*max_len=.*id 'WH_2'"):
+        WikiHopChunkDataset(tokenized, tokenizer, max_len=max_len)
+    kept = WikiHopChunkDataset(tokenized, tokenizer, max_len=max_len, skip_long=True)
+    assert (len(kept), kept.skipped) == (2, 1) and [kept[i].id for i in range(2)] == ["WH_0", "WH_1"]
+    baseline = WikiHopChunkDataset(tokenized, tokenizer, max_len=max_len, global_prefix=False, skip_long=True)
+    assert all(set(chunk["global_attention_mask"]) == {0} for chunk in baseline[0].chunks)
+    assert any(set(chunk["global_attention_mask"]) == {0, 1} for chunk in kept[0].chunks)
+
+
 def test_tokenized_cache_is_reused(tmp_path, tokenizer):
     path = write_wikihop_json(tmp_path, make_wikihop_records(4))
     first = load_wikihop(path, tokenizer, cache_dir=tmp_path / "cache")

@@ -257,8 +257,10 @@ def test_validation_masks_are_fixed_per_block(models):
 def test_classification_metrics():
     logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     stats = classify.classification_stats(SimpleNamespace(logits=logits), {"labels": torch.tensor([1, 0, 1, 0, 1])})
-    assert stats == {"correct": 3, "examples": 5, "tp": 2, "fp": 1, "fn": 1}
-    assert classify.reduce_classification({**stats, "samples": 5}) == {"accuracy": 0.6, "f1": pytest.approx(2 / 3)}
+    assert stats == {"correct": 3, "examples": 5, "tp": 2, "fp": 1, "fn": 1, "tn": 1}
+    # class 1: F1 = 4 / 6; class 0: F1 = 2 / 4 (1 hit, 1 false positive, 1 false negative)
+    assert classify.reduce_classification({**stats, "samples": 5}) == {
+        "accuracy": 0.6, "f1": pytest.approx(2 / 3), "f1_macro": pytest.approx((2 / 3 + 1 / 2) / 2)}
 
 
 def test_wikihop_scores_are_averaged_over_each_examples_chunks(models):
@@ -355,7 +357,7 @@ def classify_args(tmp_path, *extra):
 def check_classification_run(run_dir: Path, stdout: str):
     records = metrics(run_dir)
     assert [r["step"] for r in records] == [2, 4, 4]
-    assert all({"loss", "accuracy", "f1"} <= r.keys() for r in records[:2])
+    assert all({"loss", "accuracy", "f1", "f1_macro"} <= r.keys() for r in records[:2])
     test = records[-1]
     assert {"test/loss", "test/accuracy", "test/f1"} <= test.keys() and 0 <= test["test/accuracy"] <= 1
     [printed] = printed_records(stdout)  # by rank 0 only

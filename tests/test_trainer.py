@@ -271,3 +271,45 @@ def test_fp16_loss_scale_is_read_from_zero_and_zero0_optimizers():
                              (SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=512.0)), 512.0)):
         engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=optimizer)
         assert Trainer._step_extras(SimpleNamespace(engine=engine))["train/loss_scale"] == scale
+
+
+def test_resume_with_another_world_size_trains_the_planned_epochs(tmp_path):
+    """Two ranks (ZeRO-0) crash while saving step 4; one process resumes from step 2 in the same
+    run folder. An epoch is 4 steps on two ranks, 8 on one: the rest of epoch 0 (the 4 samples left
+    per rank) then all of epoch 1 make 2 + 4 + 8 = 14 steps, and every step and validation is
+    logged once although the crashed run had already logged steps 3-4."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--epochs", "2", "--n_train", "8", "--batch_size", "1", "--save_every_n_steps", "2",
+             "--val_check_interval", "2"]
+    crashed = train(tmp_path, *flags, "--crash_during_save_at", "4", nproc=2, check=False)
+    assert crashed.returncode != 0 and (run_dir(tmp_path) / "checkpoints" / "latest").read_text() == "global_step2"
+    train(tmp_path, *flags, "--resume", "latest")
+    summary = json.loads((tmp_path / "dump" / "summary.json").read_text())
+    assert (summary["global_step"], summary["epoch"]) == (14, 2)
+
+    rows = [json.loads(line) for line in (run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12, 14]
+    acc = EventAccumulator(str(run_dir(tmp_path)))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 15))
+    assert [e.step for e in acc.Scalars("val/loss")] == [2, 4, 6, 8, 10, 12, 14]
+
+
+def test_log_every_n_steps_must_be_positive(tmp_path):
+    proc = train(tmp_path, "--max_steps", "2", "--log_every_n_steps", "0", check=False)
+    assert proc.returncode != 0 and "--log_every_n_steps must be at least 1" in proc.stderr
+
+
+def test_rolled_back_run_never_leaves_latest_on_a_half_written_checkpoint(tmp_path):
+    """Resumed from step 2 while `latest` names step 4: re-saving step 4 first moves `latest` back
+    to step 2, so a crash in that save leaves a resumable folder."""
+    flags = ["--max_steps", "4", "--save_every_n_steps", "2"]
+    train(tmp_path, *flags)
+    ckpts = run_dir(tmp_path) / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step4"
+    crashed = train(tmp_path, *flags, "--resume", str(ckpts / "global_step2"), "--crash_during_save_at", "4",
+                    check=False)
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    assert (ckpts / "latest").read_text() == "global_step2"
+    assert (ckpts / "global_step2" / "trainer_state.json").is_file()

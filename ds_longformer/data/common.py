@@ -14,6 +14,8 @@ Other helpers
 ``canonical_split(name) -> str | None``
     ``"valid"``/``"val"``/``"dev"``/``"validation"`` -> ``"validation"``, ``"train"``,
     ``"test"``; any other name -> ``None``.
+``read_utf8(path) -> str``
+    The file's text; bytes that are not UTF-8 -> ``DataFormatError`` naming the byte offset.
 ``read_jsonl(path) -> list[tuple[int, dict]]``
     ``(line_number, record)`` pairs, blank lines skipped, bad JSON -> ``DataFormatError``.
 ``hash_holdout(examples, fraction, key) -> (kept, held_out)``
@@ -81,19 +83,25 @@ def canonical_split(name: str) -> str | None:
     return _SPLIT_ALIASES.get(name.lower())
 
 
+def read_utf8(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"line {line_number}", f"invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(path, f"line {line_number}", "expected a JSON object")
-            records.append((line_number, record))
+    for line_number, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, f"line {line_number}", f"invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(path, f"line {line_number}", "expected a JSON object")
+        records.append((line_number, record))
     return records
 
 

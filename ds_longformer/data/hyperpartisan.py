@@ -16,9 +16,10 @@ Accepted layouts in ``data_dir``:
   writes; JSON booleans are accepted too).
 
 Text cleaning (``clean_text``) follows Longformer's ``hp_preprocess.py`` (its ``clean_txt``),
-after first turning the XML body into plain text: the article's title, then the text of
-its body with a space around each block element (``<p>``, ``<q>``, ``<br>`` ...), HTML entities
-unescaped and any escaped markup (``&lt;tag&gt;``) removed. Then, as Longformer did:
+after first turning the XML body into plain text as it did (the text of the article element: the
+``title`` attribute is not part of it; it stands in only for an empty body), with a space around
+each block element (``<p>``, ``<q>``, ``<br>`` ...), HTML entities unescaped and escaped markup
+(``&lt;tag&gt;``: ``<`` then a letter or ``/``) removed, while a lone ``<`` or ``>`` (``5 < 6``) stays. Then, as Longformer did:
 ``word/word`` -> space, URLs (``http...``, ``www...``, ``href...``) removed, whitespace runs
 -> one space, repeated ``!?.`` -> one, a character repeated 3+ times at a word's end -> one
 (this also shortens e.g. ``1000`` to ``10``, as the original did). jsonl texts go through
@@ -45,7 +46,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .common import DataFormatError, DatasetNotFoundError, read_jsonl
+from .common import DataFormatError, DatasetNotFoundError, read_jsonl, read_utf8
 
 ARTICLES_FILE = "articles-training-byarticle-20181122.xml"
 LABELS_FILE = "ground-truth-training-byarticle-20181122.xml"
@@ -66,7 +67,7 @@ _FLAGS = re.MULTILINE | re.DOTALL
 
 def clean_text(text: str) -> str:
     text = html.unescape(text)
-    text = re.sub(r"<[^>]+>", " ", text)  # markup that was escaped inside the XML text
+    text = re.sub(r"</?[A-Za-z][^<>]*>", " ", text)  # markup that was escaped inside the XML text
     # Longformer's clean_txt, in its order.
     text = re.sub(r"[a-zA-Z]+/[a-zA-Z]+", " ", text)
     text = text.replace("\n", " ")
@@ -130,7 +131,8 @@ def read_articles(path: str | Path) -> dict[str, str]:
         key = _article_id(element, index, path)
         if key in articles:
             raise DataFormatError(path, f"id {key!r}", "duplicate article id")
-        text = clean_text(f"{element.get('title', '')}\n{_body_text(element)}")
+        # The body's text, as Longformer's preprocessing took it (no title); the title only if the body is empty.
+        text = clean_text(_body_text(element)) or clean_text(element.get("title", ""))
         if not text:
             raise DataFormatError(path, f"id {key!r}", "empty article (no title and no text)")
         articles[key] = text
@@ -157,7 +159,7 @@ def _preview(ids) -> str:
 
 def _read_splits(path: Path, known: set[str]) -> dict[str, list[str]]:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
     if not isinstance(raw, dict):

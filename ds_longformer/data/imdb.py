@@ -30,9 +30,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .common import DataFormatError, DatasetNotFoundError, canonical_split, hash_holdout
+from .common import DataFormatError, DatasetNotFoundError, canonical_split, hash_holdout, read_utf8
 
 _LABELS = {"neg": 0, "pos": 1}
 _EXPECTED = (
@@ -61,10 +62,7 @@ def _read_folders(root: Path) -> dict[str, list[dict]]:
             if not folder.is_dir():
                 raise DatasetNotFoundError(f"IMDB folder {split}/{polarity}", [root], _EXPECTED, _SOURCE)
             for f in sorted(folder.glob("*.txt")):
-                try:
-                    text = f.read_text(encoding="utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataFormatError(f, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+                text = read_utf8(f)
                 if not text.strip():
                     raise DataFormatError(f, None, "empty review")
                 examples.append({"text": text, "label": label, "id": f"{split}/{polarity}/{f.stem}"})
@@ -87,7 +85,10 @@ def _parquet_files(data_dir: Path) -> dict[str, list[Path]]:
 def _read_parquet_split(split: str, files: list[Path]) -> list[dict]:
     examples = []
     for f in files:
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except pa.ArrowException as e:
+            raise DataFormatError(f, None, f"cannot read parquet ({e})") from None
         missing = {"text", "label"} - set(table.column_names)
         if missing:
             raise DataFormatError(f, None, f"missing column(s) {sorted(missing)} (columns: {table.column_names})")

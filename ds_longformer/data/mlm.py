@@ -3,7 +3,8 @@
 Of the tokens that are neither special (``<s>``, ``</s>``, ``<pad>``, ``[CLS]`` ...) nor
 padding, each is selected with probability ``mlm_probability`` (15%). A selected token is
 replaced by the mask token with probability 0.8, by a token drawn uniformly from the
-whole vocabulary with probability 0.1, and left unchanged with probability 0.1. Labels
+vocabulary's ordinary tokens with probability 0.1 (never a special one: a random ``<pad>``
+would also shift the position ids of every later token), and left unchanged with probability 0.1. Labels
 hold the original id at selected positions and -100 (ignored by the loss) elsewhere.
 
 All randomness comes from an optional ``torch.Generator``: the same generator state and
@@ -16,9 +17,10 @@ pass, so every evaluation sees the same masks.
 API
 ---
 ``mask_tokens(input_ids, special_tokens_mask, mask_token_id, vocab_size,
-mlm_probability=0.15, generator=None) -> (masked_input_ids, labels)``
+mlm_probability=0.15, generator=None, special_ids=None) -> (masked_input_ids, labels)``
     Pure function on a ``long`` tensor of any shape; ``special_tokens_mask`` is a bool
-    tensor of the same shape marking positions that must never be selected.
+    tensor of the same shape marking positions that must never be selected; ``special_ids``
+    the ids random replacements never draw.
 ``MLMCollator(tokenizer, mlm_probability=0.15, pad_to_multiple_of=None, generator=None,
 global_attention_mask=False)``
     ``collator(features)`` with ``features`` a list of ``{"input_ids": list | tensor}``
@@ -43,6 +45,7 @@ def mask_tokens(
     vocab_size: int,
     mlm_probability: float = 0.15,
     generator: torch.Generator | None = None,
+    special_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0.0 < mlm_probability < 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
@@ -56,7 +59,11 @@ def mask_tokens(
     masked[to_mask] = mask_token_id
     # Half of the remaining 20% of selected tokens -> 10% of all selected ones.
     to_random = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & selected & ~to_mask
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    ordinary = torch.ones(vocab_size, dtype=torch.bool)
+    if special_ids is not None:
+        ordinary[special_ids] = False
+    pool = ordinary.nonzero().squeeze(1)
+    random_ids = pool[torch.randint(len(pool), input_ids.shape, generator=generator)]
     masked[to_random] = random_ids[to_random]
     return masked, labels
 
@@ -86,7 +93,8 @@ class MLMCollator:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         never = torch.isin(input_ids, self.special_ids) | (attention_mask == 0)
         masked, labels = mask_tokens(
-            input_ids, never, self.mask_token_id, self.vocab_size, self.mlm_probability, self.generator
+            input_ids, never, self.mask_token_id, self.vocab_size, self.mlm_probability, self.generator,
+            special_ids=self.special_ids,
         )
         out = {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
         if self.global_attention_mask:

@@ -19,7 +19,8 @@ drawn from a normal distribution with the mean and std of the existing embedding
     chunk k = prefix + content[k*b : (k+1)*b] + end,   b = max_len - len(prefix) - 1
 
 so no chunk exceeds ``max_len`` and every chunk repeats the prefix; content shorter than
-``b`` gives one chunk. Global attention covers the whole prefix; the candidate positions
+``b`` gives one chunk. Global attention covers the whole prefix (none for the RoBERTa
+baseline, ``global_prefix=False``, which must stay exactly RoBERTa); the candidate positions
 are the indices of the ``[ent]`` tokens (the same in every chunk). The model scores the
 ``[ent]`` tokens with a linear layer and the scores of a candidate are averaged over the
 chunks of its example; the label is the index of the answer among the candidates. The
@@ -46,13 +47,15 @@ API
     ``load_wikihop_json`` + ``tokenize_wikihop``, cached under
     ``cache_dir/wikihop-<file stem>-<key>/`` (``common.cached_dataset``; key: file path,
     size, mtime and the tokenizer with its added tokens).
-``build_chunks(row, max_len, end_id, max_chunks=None) -> WikiHopFeatures``
+``build_chunks(row, max_len, end_id, max_chunks=None, global_prefix=True) -> WikiHopFeatures``
     ``row``: one row of the tokenized dataset. ``WikiHopFeatures.chunks`` is a list of
     ``{"input_ids", "attention_mask", "global_attention_mask"}`` (lists of ints),
     ``.candidate_positions`` one list per chunk, ``.label`` the answer index.
     ``max_chunks`` keeps only the first chunks (a cap on compute per example).
-``WikiHopChunkDataset(tokenized, tokenizer, max_len, max_chunks=None)``
-    ``torch.utils.data.Dataset`` of ``WikiHopFeatures``.
+``WikiHopChunkDataset(tokenized, tokenizer, max_len, max_chunks=None, global_prefix=True, skip_long=False)``
+    ``torch.utils.data.Dataset`` of ``WikiHopFeatures``. An example whose prefix alone fills
+    ``max_len`` raises ValueError at construction, before any training; ``skip_long=True``
+    leaves such examples out instead (``.skipped`` counts them).
 ``collate_wikihop(features, pad_token_id, pad_to_multiple_of=None) -> dict``
     All chunks of all examples as rows: ``input_ids``, ``attention_mask``,
     ``global_attention_mask`` ``(n_rows, length)``; ``candidate_positions``
@@ -89,6 +92,7 @@ from .common import (
     DataFormatError,
     DatasetNotFoundError,
     cached_dataset,
+    read_utf8,
     sequence_bounds,
     tokenizer_fingerprint,
 )
@@ -170,7 +174,7 @@ def load_wikihop_json(path: str | Path) -> list[WikiHopExample]:
             _SOURCE,
         )
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
     if not isinstance(records, list):
@@ -292,7 +296,8 @@ def load_wikihop(
     return dataset
 
 
-def build_chunks(row: dict, max_len: int, end_id: int, max_chunks: int | None = None) -> WikiHopFeatures:
+def build_chunks(row: dict, max_len: int, end_id: int, max_chunks: int | None = None,
+                 global_prefix: bool = True) -> WikiHopFeatures:
     prefix, content = list(row["prefix_ids"]), list(row["support_ids"])
     budget = max_len - len(prefix) - 1
     if budget < 1:
@@ -310,7 +315,7 @@ def build_chunks(row: dict, max_len: int, end_id: int, max_chunks: int | None = 
             {
                 "input_ids": ids,
                 "attention_mask": [1] * len(ids),
-                "global_attention_mask": [1] * len(prefix) + [0] * (len(ids) - len(prefix)),
+                "global_attention_mask": [int(global_prefix)] * len(prefix) + [0] * (len(ids) - len(prefix)),
             }
         )
     positions = list(row["candidate_positions"])
@@ -318,24 +323,27 @@ def build_chunks(row: dict, max_len: int, end_id: int, max_chunks: int | None = 
 
 
 class WikiHopChunkDataset(torch.utils.data.Dataset):
-    def __init__(self, tokenized: datasets.Dataset, tokenizer, max_len: int, max_chunks: int | None = None):
-        self.tokenized = tokenized
-        # build_chunks would fail on such an example mid-epoch: refuse them all before training.
+    def __init__(self, tokenized: datasets.Dataset, tokenizer, max_len: int, max_chunks: int | None = None,
+                 global_prefix: bool = True, skip_long: bool = False):
+        # build_chunks would fail on such an example mid-epoch: refuse (or leave out) them all now.
         too_long = [(i, n) for i, n in enumerate(map(len, tokenized["prefix_ids"])) if n > max_len - 2]
-        if too_long:
+        if too_long and not skip_long:
             i, n = max(too_long, key=lambda t: t[1])
             raise ValueError(
                 f"{len(too_long)} WikiHop example(s) have a question and candidates that fill max_len={max_len} "
                 f"on their own, leaving no room for supports (the longest: id {tokenized[i]['id']!r}, {n} tokens)")
+        if too_long:
+            dropped = {i for i, _ in too_long}
+            tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in dropped])
+        self.tokenized, self.skipped = tokenized, len(too_long)
         self.end_id = sequence_bounds(tokenizer)[1]
-        self.max_len = max_len
-        self.max_chunks = max_chunks
+        self.max_len, self.max_chunks, self.global_prefix = max_len, max_chunks, global_prefix
 
     def __len__(self) -> int:
         return len(self.tokenized)
 
     def __getitem__(self, index: int) -> WikiHopFeatures:
-        return build_chunks(self.tokenized[index], self.max_len, self.end_id, self.max_chunks)
+        return build_chunks(self.tokenized[index], self.max_len, self.end_id, self.max_chunks, self.global_prefix)
 
 
 def collate_wikihop(
