@@ -1,6 +1,6 @@
 """Offline quickstart: show on a real pretrained model that long context pays off.
 
-    python -m ds_longformer.quickstart      # no flags, no downloads, no GPU: about 5 min on 2 CPU cores
+    python -m ds_longformer.quickstart      # no flags, no downloads, no GPU: about 4-5 min on 2 CPU cores
     bash launch/quickstart.sh               # the same under the deepspeed launcher (GPUs or 2 CPU ranks)
 
 Four steps, each ending with a one-line result:
