@@ -47,10 +47,12 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
         return load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        return {k: v for shard in shards for k, v in load_file(shard).items()}
-    raise FileNotFoundError(f"{folder}: no model.safetensors, model-*-of-*.safetensors or pytorch_model.bin")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # the shards the index names (not stray ones from an earlier save)
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json (shards) or "
+                            "pytorch_model.bin")
 
 
 def _rename_short_key(key: str, model_type: str) -> str | None:
@@ -77,18 +79,23 @@ def short_config_to_longformer(cfg: dict, attention_window: int | list[int]) -> 
             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "type_vocab_size",
             "initializer_range", "layer_norm_eps", "id2label", "classifier_dropout")
     kw = {k: cfg[k] for k in keep if cfg.get(k) is not None}
+    if "id2label" in kw:  # a classifier: its label count (transformers writes the keys as strings)
+        kw["id2label"] = {int(k): v for k, v in kw["id2label"].items()}
+        kw["num_labels"] = len(kw["id2label"])
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type={cfg['position_embedding_type']!r} is not supported: "
                          "only absolute position embeddings can be copied to a longer table")
+    # RoBERTa configs name <s>/</s>; BERT configs name neither [CLS] nor [SEP]: None, which
+    # convert() fills from the tokenizer (0 and 2 would be [PAD] and [unused1] there).
     bos = cfg.get("bos_token_id", cfg.get("cls_token_id"))
     eos = cfg.get("eos_token_id", cfg.get("sep_token_id"))
     return LongformerConfig(
         **kw,
         max_position_embeddings=cfg["max_position_embeddings"] + offset,
         pad_token_id=pad,
-        bos_token_id=0 if bos is None else bos,
-        eos_token_id=2 if eos is None else eos,
-        sep_token_id=cfg.get("sep_token_id", eos if eos is not None else 2),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        sep_token_id=cfg.get("sep_token_id", eos),
         attention_window=attention_window,
         extra={"converted_from": model_type},
     )
@@ -160,6 +167,9 @@ def load_folder(cls, folder: str | Path, attention_window: int | list[int] | Non
     for name, tied_to in cls.tied_weights.items():
         if name not in state and tied_to in state:
             state[name] = state[tied_to]
+        elif name in state and tied_to in state and not torch.equal(state[name], state[tied_to]):
+            raise ValueError(f"{folder}: {name} differs from {tied_to} (tie_word_embeddings false?); "
+                             f"{cls.__name__} ties them, so one of the two would be lost")
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
                   for k, v in state.items() if k in ours and v.shape != ours[k].shape]
     if mismatched:
@@ -220,7 +230,7 @@ def save_folder(model, folder: str | Path, state_dict: dict | None = None):
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in model.tied_weights}
     config = model.config.to_dict()
     config["architectures"] = [model.hf_architecture]
-    config["tie_word_embeddings"] = bool(model.tied_weights)
+    config["tie_word_embeddings"] = True  # every head that has a decoder ties it (transformers' default too)
     config["gradient_checkpointing"] = False  # a training setting, not a property of the weights
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     config["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"

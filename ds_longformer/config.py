@@ -30,9 +30,9 @@ class LongformerConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
-    sep_token_id: int = 2
+    bos_token_id: int | None = 0  # None where the source model names none (BERT configs)
+    eos_token_id: int | None = 2
+    sep_token_id: int | None = 2
     # Total window per layer (an int for every layer, or one per layer): token i attends to
     # tokens j with |i - j| <= attention_window / 2.
     attention_window: int | list[int] = 512
@@ -40,6 +40,7 @@ class LongformerConfig:
     num_labels: int = 2
     id2label: dict | None = None
     classifier_dropout: float | None = None
+    problem_type: str | None = None  # regression / single_label_classification / multi_label_classification
     # ds-longformer only.
     attention_backend: str = "blocked"
     # Query block size of the blocked backend; None = half the window (one block each side).

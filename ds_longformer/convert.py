@@ -63,23 +63,26 @@ def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: i
     return model
 
 
-def save_tokenizer(source: str | Path, output: str | Path, max_pos: int) -> bool:
-    """Copy the source tokenizer with model_max_length raised; False if the source has none."""
+def load_source_tokenizer(source: str | Path, max_pos: int):
+    """The source's tokenizer with model_max_length = max_pos; None (and a warning) if it has none."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=max_pos)
     except (OSError, ValueError) as err:
         log.warning("no tokenizer saved: could not load one from %s (%s)", source, err)
-        return False
+        return None
     tokenizer.model_max_length = max_pos
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, output: str | Path, max_pos: int) -> None:
     tokenizer.save_pretrained(str(output))
     cfg_path = Path(output) / "tokenizer_config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         cfg["model_max_length"] = max_pos
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    return True
 
 
 def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
@@ -87,8 +90,15 @@ def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
     """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
     model_type = read_config_json(source).get("model_type")
     model = convert_to_long(source, max_pos, attention_window)
+    tokenizer = load_source_tokenizer(source, max_pos)
+    if tokenizer is not None:  # BERT configs name no [CLS]/[SEP] ids: the tokenizer knows them
+        config = model.config
+        config.bos_token_id = config.bos_token_id if config.bos_token_id is not None else tokenizer.cls_token_id
+        config.eos_token_id = config.eos_token_id if config.eos_token_id is not None else tokenizer.sep_token_id
+        config.sep_token_id = config.sep_token_id if config.sep_token_id is not None else tokenizer.sep_token_id
     model.save_pretrained(output)
-    save_tokenizer(source, output, max_pos)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, output, max_pos)
     log.info("converted %s (%s) -> %s: %s, %d positions, windows %s", source, model_type, output,
              type(model).__name__, max_pos, model.config.attention_window)
     return model

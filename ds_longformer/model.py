@@ -238,6 +238,10 @@ class LongformerModel(LongformerPreTrainedModel):
         self.check_inputs(input_ids, attention_mask, global_attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if (attention_mask == 2).any():  # transformers' convention: 2 = real token with global attention
+            marked = attention_mask == 2
+            global_attention_mask = marked if global_attention_mask is None else global_attention_mask.bool() | marked
+            attention_mask = attention_mask.clamp(max=1)
         if layout is None:
             layout = AttentionLayout.build(attention_mask, global_attention_mask)
         hidden = self.encoder(self.embeddings(input_ids, token_type_ids), layout)  # (B, N, C)
@@ -341,11 +345,26 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
         logits = self.classifier(out.last_hidden_state)  # (B, num_labels)
         loss = None
         if labels is not None:
-            if self.config.num_labels == 1:
-                loss = F.mse_loss(logits.float().squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels.view(-1))
+            loss = self._loss(logits.float(), labels)
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """transformers' rule: config.problem_type, else regression for one label, single-label
+        classification for integer labels, multi-label (BCE) for float labels."""
+        problem = self.config.problem_type
+        if problem is None:
+            problem = ("regression" if self.config.num_labels == 1 else
+                       "single_label_classification" if not labels.is_floating_point() else
+                       "multi_label_classification")
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float()) if self.config.num_labels == 1 else \
+                F.mse_loss(logits, labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        raise ValueError(f"problem_type={problem!r}: expected regression, single_label_classification or "
+                         "multi_label_classification")
 
 
 class LongformerForCandidateScoring(LongformerPreTrainedModel):

@@ -473,6 +473,8 @@ def test_convert_cli_on_packaged_minilm_writes_tokenizer(tmp_path):
         theirs = bert(**enc).last_hidden_state
     real = enc["attention_mask"].bool()
     assert (ours[real] - theirs[real]).abs().max() < 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())  # BERT's config names no [CLS]/[SEP]
+    assert (config["bos_token_id"], config["sep_token_id"]) == (tok.cls_token_id, tok.sep_token_id)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -569,3 +571,68 @@ def test_lengthening_a_longformer_keeps_its_windows(tmp_path):
     assert longer.config.max_position_embeddings == 66  # 2 reserved rows + 64 positions
     table = longer.longformer.embeddings.position_embeddings.weight
     assert torch.equal(table[2:34], table[34:66])
+
+
+def test_attention_mask_value_2_means_global_as_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = LongformerModel(tiny_config()).eval()
+    hf = hf_twin(model, tmp_path, transformers.LongformerModel)
+    ids, am, _ = make_batch(2, 30, (30, 21))
+    am[0, 0] = am[1, 3] = 2
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=am).last_hidden_state
+        ours = model(ids, am).last_hidden_state
+    real = am.bool()
+    assert (ours[real] - theirs[real]).abs().max() < 1e-5
+
+
+def test_untied_mlm_decoder_is_refused(tmp_path):
+    hf_cfg = transformers.LongformerConfig(**TINY, attention_window=8, tie_word_embeddings=False)
+    transformers.LongformerForMaskedLM(hf_cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lm_head.decoder.weight differs from .*word_embeddings"):
+        LongformerForMaskedLM.from_pretrained(tmp_path)
+
+
+def test_encoder_folder_gives_transformers_a_tied_decoder(tmp_path):
+    LongformerModel(tiny_config()).save_pretrained(tmp_path)
+    hf = transformers.LongformerForMaskedLM.from_pretrained(tmp_path)
+    assert hf.lm_head.decoder.weight is hf.longformer.embeddings.word_embeddings.weight
+
+
+def test_roberta_classifier_with_three_labels_loads(tmp_path):
+    cfg = transformers.RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=34, num_labels=3)
+    transformers.RobertaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    model = LongformerForSequenceClassification.from_pretrained(tmp_path)
+    assert model.config.num_labels == 3 and model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
+
+@pytest.mark.parametrize("problem_type", [None, "multi_label_classification", "regression"])
+def test_classification_loss_follows_problem_type_as_transformers(tmp_path, problem_type):
+    torch.manual_seed(0)
+    model = LongformerForSequenceClassification(tiny_config(num_labels=3, problem_type=problem_type)).eval()
+    hf = hf_twin(model, tmp_path, transformers.LongformerForSequenceClassification)
+    ids, am, _ = make_batch(2, 20, (20, 15))
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]) if problem_type else torch.tensor([2, 0])
+    with torch.no_grad():
+        ours, theirs = model(ids, am, labels=labels).loss, hf(input_ids=ids, attention_mask=am, labels=labels).loss
+    assert abs(ours.item() - theirs.item()) < 1e-5
+
+
+def test_sharded_weights_are_read_through_their_index(tmp_path):
+    from safetensors.torch import save_file
+
+    model = LongformerModel(tiny_config())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, tmp_path / shard)
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    save_file({"embeddings.word_embeddings.weight": torch.zeros(3, 3)},  # a stray shard of an older save
+              tmp_path / "model-00001-of-00003.safetensors")
+    loaded = LongformerModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
