@@ -542,11 +542,9 @@ FLEX_BLOCK = 128
 _compiled_flex = None
 
 
-def _flex_block_mask(layout: AttentionLayout, window: int):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, N = layout.valid.shape
-    n_pad = math.ceil(N / FLEX_BLOCK) * FLEX_BLOCK
+def _flex_mask_mod(layout: AttentionLayout, window: int, n_pad: int):
+    """The element rule of the local part, for FlexAttention (positions up to n_pad)."""
+    N = layout.valid.shape[1]
     valid = F.pad(layout.valid, (0, n_pad - N), value=False)
     is_global = F.pad(layout.is_global, (0, n_pad - N), value=False)
     w = window // 2
@@ -555,7 +553,44 @@ def _flex_block_mask(layout: AttentionLayout, window: int):
         band = ((q_idx - kv_idx).abs() <= w) & ~is_global[b, kv_idx]
         return (valid[b, kv_idx] & (band | is_global[b, kv_idx])) | (~valid[b, q_idx] & (q_idx == kv_idx))
 
-    return create_block_mask(mask_mod, B, None, n_pad, n_pad, device=layout.valid.device, BLOCK_SIZE=FLEX_BLOCK)
+    return mask_mod
+
+
+def _flex_blocks(layout: AttentionLayout, window: int) -> tuple[Tensor, Tensor]:
+    """(partial, full): (B, 1, n_blocks, n_blocks) bool over FLEX_BLOCK x FLEX_BLOCK tiles, from the
+    block structure alone (never the N x N mask: create_block_mask would build that, 16 GiB of
+    int64 at N=32768). A tile is needed when it touches the band (with a real key), holds a global
+    key, or is the diagonal tile of a padding row; it is full (the kernel skips mask_mod) when every
+    pair in it is allowed: all within the band, every query and key real, no global key."""
+    B, N = layout.valid.shape
+    n_blocks = math.ceil(N / FLEX_BLOCK)
+    pad = n_blocks * FLEX_BLOCK - N
+    per_block = lambda x: F.pad(x, (0, pad), value=False).view(B, n_blocks, FLEX_BLOCK)  # noqa: E731
+    valid, is_global = per_block(layout.valid), per_block(layout.is_global)
+    w = window // 2
+    index = torch.arange(n_blocks, device=layout.valid.device)
+    apart = (index[:, None] - index[None, :]).abs()  # tile distance in blocks
+    touches_band = (apart == 0) | ((apart - 1) * FLEX_BLOCK + 1 <= w)  # closest pair within w
+    inside_band = (apart + 1) * FLEX_BLOCK - 1 <= w  # farthest pair within w
+    key_real, key_global = valid.any(-1)[:, None, :], is_global.any(-1)[:, None, :]  # (B, 1, n_k)
+    key_all_local = (valid & ~is_global).all(-1)[:, None, :]
+    query_all_real, query_any_pad = valid.all(-1)[:, :, None], (~valid).any(-1)[:, :, None]  # (B, n_q, 1)
+    needed = (touches_band & key_real) | key_global | (query_any_pad & (apart == 0))
+    full = inside_band & key_all_local & query_all_real
+    return (needed & ~full)[:, None], full[:, None]
+
+
+def _flex_block_mask(layout: AttentionLayout, window: int):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:  # (count per query block, key blocks first)
+        tiles = tiles.to(torch.int32)
+        return tiles.sum(-1, dtype=torch.int32), torch.argsort(tiles, dim=-1, descending=True, stable=True).int()
+
+    partial, full = _flex_blocks(layout, window)
+    n_pad = partial.shape[-1] * FLEX_BLOCK
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=_flex_mask_mod(layout, window, n_pad), seq_lengths=(n_pad, n_pad))
 
 
 def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, window: int) -> Tensor:

@@ -30,9 +30,9 @@ def batch(B, N, device, n_global=3, pad=100, seed=0):
     return ids.to(device), am.to(device), gm.to(device)
 
 
-# Several shapes in a row: the compiled flex kernel must stay right (and compiled) when the batch
-# size or padded length changes, as it does from batch to batch in training.
-@pytest.mark.parametrize("B, N", [(2, 1000), (2, 1500), (1, 700)])
+# Two shapes in a row: the compiled flex kernel must stay right when the batch size and padded
+# length change, as they do from batch to batch in training (each new shape compiles: keep few).
+@pytest.mark.parametrize("B, N", [(2, 1000), (1, 700)])
 @pytest.mark.parametrize("backend", ["flex", "blocked"])
 def test_backend_matches_dense_forward_and_backward_on_cuda(backend, B, N):
     torch.manual_seed(0)

@@ -636,3 +636,27 @@ def test_sharded_weights_are_read_through_their_index(tmp_path):
               tmp_path / "model-00001-of-00003.safetensors")
     loaded = LongformerModel.from_pretrained(tmp_path)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("window", [8, 256, 300, 1000])
+def test_flex_tiles_cover_exactly_what_the_element_mask_needs(window):
+    """The BlockMask is built from the block structure alone; against the element mask (small N
+    here): every tile with an allowed pair is listed, every 'full' tile is all allowed, and no
+    listed tile is empty unless it is a band tile whose allowed keys lie elsewhere."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from ds_longformer.attention import FLEX_BLOCK, _flex_blocks, _flex_mask_mod
+
+    _, am, gm = make_batch(3, 700, (700, 650, 200), ([0, 300], [], [5, 199]))
+    layout = AttentionLayout.build(am, gm)
+    partial, full = _flex_blocks(layout, window)
+    n = partial.shape[-1]
+    elements = create_mask(_flex_mask_mod(layout, window, n * FLEX_BLOCK), 3, 1, n * FLEX_BLOCK, n * FLEX_BLOCK)
+    tiles = elements.view(3, 1, n, FLEX_BLOCK, n, FLEX_BLOCK)
+    any_allowed, all_allowed = tiles.any(-1).any(-2), tiles.all(-1).all(-2)
+    assert not (partial & full).any()
+    assert torch.equal(any_allowed & ~(partial | full), torch.zeros_like(any_allowed))  # nothing needed is missed
+    assert torch.equal(full & ~all_allowed, torch.zeros_like(full))
+    assert full.any() or window < FLEX_BLOCK  # interior tiles are skipped-mask tiles
+    listed = (partial | full).sum().item()
+    assert listed <= any_allowed.sum().item() * 1.2  # and hardly any listed tile is empty

@@ -139,6 +139,13 @@ def main(argv=None):
     # Rounds repeat every measurement, interleaving the implementations, so that each ratio
     # compares workers that ran seconds apart; the table gives medians over rounds.
     runs = []
+
+    def save(**summary):  # after every worker too: a run stopped by a time limit keeps what it measured
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_description(args.device, args.threads), "matmul_flops": rate,
+                       "args": {k: v for k, v in vars(args).items() if k != "worker"}, **summary, "runs": runs},
+                      f, indent=2)
+
     for round_ in range(args.rounds):
         for window in args.windows:
             for n_global in args.globals:
@@ -164,8 +171,12 @@ def main(argv=None):
                             row["x_floor"] = row["forward_backward_ms"] / 1e3 / (flops / rate)
                             row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
                         runs.append(row)
-                        print(f"  round {round_ + 1}/{args.rounds}: measured {impl:8s} N={n:6d} window={window} "
-                              f"globals={n_global}", flush=True)
+                        save(partial=True)
+                        times = ", ".join(f"{mode.replace('_', '+')} {row[f'{mode}_ms']:.1f} ms "
+                                          f"{row[f'{mode}_mib']:.0f} MiB"
+                                          for mode in ("forward", "forward_backward") if f"{mode}_ms" in row)
+                        print(f"  round {round_ + 1}/{args.rounds}: {impl:8s} N={n:6d} window={window} "
+                              f"globals={n_global}: {times or 'failed'}", flush=True)
     rows = summarize_rounds(runs, group_by=("impl", "seq_len", "window", "globals"),
                             fields=("forward_ms", "forward_backward_ms", "forward_mib", "forward_backward_mib",
                                     "x_floor", "us_per_token"),
@@ -180,10 +191,7 @@ def main(argv=None):
               for r in runs if "forward_backward_error" in r or "forward_error" in r]
     for impl, n, err in errors:
         print(f"  {impl} N={n}: {err}")
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine_description(args.device, args.threads), "matmul_flops": rate,
-                   "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows, "runs": runs},
-                  f, indent=2)
+    save(rows=rows)
     print(f"# wrote {args.json}")
 
 
