@@ -1,14 +1,16 @@
 """Hugging Face `save_pretrained` folders: read and write them, for Longformer and short encoders.
 
-A folder is `config.json` + `model.safetensors` (or `pytorch_model.bin`). We read:
+A folder is `config.json` + `model.safetensors` (or shards named by `model.safetensors.index.json`,
+or `pytorch_model.bin`). We read:
   * Longformer folders (LongformerModel / ...ForMaskedLM / ...ForSequenceClassification), ours or
     transformers', with or without the `longformer.` prefix;
-  * short encoders to convert: RoBERTa (RobertaModel / RobertaForMaskedLM, DistilRoBERTa) and
-    BERT-style (BertModel / BertForMaskedLM). Their weights are renamed to Longformer names and their
+  * short encoders to convert: RoBERTa-style (RobertaModel / RobertaForMaskedLM / ...ForSequence-
+    Classification: RoBERTa, DistilRoBERTa, XLM-R, CamemBERT) and BERT-style (BertModel /
+    BertForMaskedLM). Their weights are renamed to Longformer names and their
     local q/k/v copied into the global projections (`short_to_longformer_state`).
 We write Longformer folders that `transformers.Longformer*.from_pretrained` loads with no missing or
-unexpected keys. Tied tensors (the MLM decoder) are written once; the weights and config.json are both written
-under temporary names first and then renamed, so no file is ever half-written.
+unexpected keys. Tied tensors (the MLM decoder) are written once; the weights and config.json are
+both written under temporary names first and then renamed, so no file is ever half-written.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 Longformer: global attention on <s>, inputs up to --max_seq_len (default: the model's length);
 --model_path must be a Longformer folder (see ds_longformer.convert / ds_longformer.pretrain).
 Roberta: the short model with the same classification head, full attention, inputs truncated to
-512 tokens. Data (--data_dir, default ./data/<dataset>): see ds_longformer.data.imdb and
+512 tokens. Data (--data_dir, default ./data/<dataset in lower case>, e.g. ./data/hyperpartisan): see ds_longformer.data.imdb and
 ds_longformer.data.hyperpartisan for the accepted published layouts.
 
 Metrics: accuracy, F1 of the positive class (f1; IMDB: positive review, Hyperpartisan: "true")

@@ -12,10 +12,11 @@
 2. WikiText-103 (--data_dir, default --cache_dir; the raw/tokens files, the Hugging Face parquet
    files or .txt files: see ds_longformer.data.wikitext) is tokenized once, cached under
    --cache_dir and cut into --max_seq_len blocks; MLM masks 15% of the tokens (80/10/10).
-3. Validation reports the loss and bits per character (BPC). At step 0 (before training) it also
-   evaluates the short model on 512-token blocks -- the paper's comparison: copied positions
-   start near the short model's BPC and training brings the long model below it. The step-0
-   record in metrics.jsonl holds loss, bpc, short_model/loss, short_model/bpc. Validation masks
+3. Validation reports the loss and bits per character (BPC). At step 0 (before training), when
+   --model_path is a short model, it also evaluates that model on 512-token blocks -- the paper's
+   comparison: copied positions start near the short model's BPC and training brings the long
+   model below it. The step-0 record in metrics.jsonl holds loss and bpc, plus short_model/loss and
+   short_model/bpc after a conversion. Validation masks
    are fixed per block, so every evaluation scores the same masked tokens.
 4. After training the long model is saved to --save_model_to (Hugging Face folder + tokenizer);
    --copy_global_projections first copies the trained local q/k/v into the global projections,

@@ -45,7 +45,7 @@ from .convert import convert
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
 from .quickstart_data import filler_sentences, make_documents
-from .tasks_common import accuracy_stats, reduce_accuracy
+from .tasks_common import accuracy_stats, add_local_rank_arg, reduce_accuracy
 from .trainer import Trainer, TrainerArgs, init_distributed, seed_everything
 
 EVIDENCE_MARGIN = 1.2  # evidence starts past 1.2 x the short model's length (token 614 for 512)
@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", default=None,
                    help="a name in ds_configs/ or a JSON path (default: cpu on CPU, zero2 on GPU)")
     p.add_argument("--output_dir", default="quickstart_out")
+    add_local_rank_arg(p)
     return p.parse_args(argv)
 
 

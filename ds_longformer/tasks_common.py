@@ -52,10 +52,18 @@ def task_parser(task: str, description: str, **defaults) -> argparse.ArgumentPar
     g.add_argument("--model_path", default=None,
                    help="a local Hugging Face folder, or a hub name where a network exists")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub name; None: --model_path's")
-    g.add_argument("--max_seq_len", type=int, default=None, help="input length in tokens; None: the model's")
+    g.add_argument("--max_seq_len", type=int, default=None,
+                   help="input length in tokens" + ("" if "max_seq_len" in defaults else "; None: the model's"))
+    add_local_rank_arg(parser)
     add_trainer_args(parser)
     parser.set_defaults(**defaults)
     return parser
+
+
+def add_local_rank_arg(parser: argparse.ArgumentParser) -> None:
+    """The `deepspeed` launcher appends --local_rank=N; the rank comes from the environment
+    (LOCAL_RANK) anyway, so the flag is accepted and ignored."""
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def resolve_model_path(name: str) -> Path:

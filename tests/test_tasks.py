@@ -445,3 +445,9 @@ def test_wikihop_roberta_baseline_two_ranks(models, wikihop_files, tmp_path):
     run_dir = tmp_path / "WikihopQA"
     assert trained_by_two_ranks(run_dir)
     check_wikihop_run(run_dir, SHORT_LEN)
+
+
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop])
+def test_deepspeed_launchers_local_rank_flag_is_accepted(task):
+    """`deepspeed` (without --no_local_rank) appends --local_rank=N; the rank comes from LOCAL_RANK."""
+    assert task.build_parser().parse_args(["--local_rank=3"]).local_rank == 3
