@@ -1,6 +1,7 @@
 """Model core: parity with transformers' Longformer, backend agreement, conversion, clear errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -660,3 +661,24 @@ def test_flex_tiles_cover_exactly_what_the_element_mask_needs(window):
     assert full.any() or window < FLEX_BLOCK  # interior tiles are skipped-mask tiles
     listed = (partial | full).sum().item()
     assert listed <= any_allowed.sum().item() * 1.2  # and hardly any listed tile is empty
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU kernels need a C++ compiler")
+def test_compiled_flex_kernel_with_our_tiles_matches_dense():
+    """torch.compile'd FlexAttention (forward; CPU has no flex backward) runs the block-sparse
+    kernel, which reads only the listed tiles (eager flex ignores them): it must equal dense."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ds_longformer.attention import _flex_block_mask, dense_local_attention
+
+    torch.manual_seed(0)
+    B, N, H, D, window = 2, 1000, 2, 16, 256
+    _, am, gm = make_batch(B, N, (N, 800), ([0, 500], [0]))
+    layout = AttentionLayout.build(am, gm)
+    q, k, v = (torch.randn(B, N, H, D) for _ in range(3))
+    block_mask = _flex_block_mask(layout, window)
+    n_pad = block_mask.shape[-2]
+    qp, kp, vp = (F.pad(x, (0, 0, 0, 0, 0, n_pad - N)).transpose(1, 2) for x in (q, k, v))
+    out = torch.compile(flex_attention, dynamic=False)(qp, kp, vp, block_mask=block_mask).transpose(1, 2)[:, :N]
+    expected = dense_local_attention(q, k, v, layout, window, 0.0, False)
+    assert (out - expected)[am.bool()].abs().max() < 1e-5
