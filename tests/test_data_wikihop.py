@@ -15,6 +15,7 @@ from data_fixtures import (
 from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM, RobertaModel
 
 from ds_longformer.data import DataFormatError, DatasetNotFoundError
+from ds_longformer.data import wikihop as wikihop_data
 from ds_longformer.data.wikihop import (
     WIKIHOP_TOKENS,
     WikiHopChunkDataset,
@@ -225,10 +226,12 @@ def test_dataset_refuses_or_skips_prefixes_that_fill_the_input(tmp_path, tokeniz
     assert any(set(chunk["global_attention_mask"]) == {0, 1} for chunk in kept[0].chunks)
 
 
-def test_tokenized_cache_is_reused(tmp_path, tokenizer):
+def test_tokenized_cache_is_reused(tmp_path, tokenizer, monkeypatch):
     path = write_wikihop_json(tmp_path, make_wikihop_records(4))
     first = load_wikihop(path, tokenizer, cache_dir=tmp_path / "cache")
-    again = load_wikihop(path, tokenizer, cache_dir=tmp_path / "cache", num_proc=2)
+    with monkeypatch.context() as m:  # loaded, not rebuilt: tokenizing again would fail
+        m.setattr(wikihop_data, "tokenize_wikihop", lambda *a, **k: pytest.fail("the cache was rebuilt"))
+        again = load_wikihop(path, tokenizer, cache_dir=tmp_path / "cache", num_proc=2)
     assert len(list((tmp_path / "cache").iterdir())) == 1
     fresh = tokenize_wikihop(load_wikihop_json(path), tokenizer, num_proc=2)
     assert first.to_list() == again.to_list() == fresh.to_list()

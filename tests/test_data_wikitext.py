@@ -16,6 +16,7 @@ from data_fixtures import (
 from transformers import AutoTokenizer
 
 from ds_longformer.data import DataFormatError, DatasetNotFoundError
+from ds_longformer.data import wikitext
 from ds_longformer.data.wikitext import bits_per_character, find_wikitext_files, load_wikitext, read_wikitext
 
 
@@ -89,15 +90,17 @@ def test_bert_tokenizer_blocks_use_cls_and_sep(layouts):
     assert bert.unk_token_id not in {t for b in blocks for t in b}  # lower-cased WordPiece knows these words
 
 
-def test_cache_is_written_reused_and_keyed(tmp_path, tokenizer):
+def test_cache_is_written_reused_and_keyed(tmp_path, tokenizer, monkeypatch):
     data = write_wikitext_raw(tmp_path / "data")
     cache = tmp_path / "cache"
     first = load_wikitext(data, tokenizer, max_seq_len=16, cache_dir=cache, splits=["train", "valid"])
     assert len(list(cache.glob("wikitext-train-*"))) == 1 and len(list(cache.glob("wikitext-validation-*"))) == 1
-    again = load_wikitext(data, tokenizer, max_seq_len=16, cache_dir=cache, splits=["train"])
+    with monkeypatch.context() as m:  # loaded, not rebuilt: tokenizing again would fail
+        m.setattr(wikitext, "_tokenize_split", lambda *a, **k: pytest.fail("the cache was rebuilt"))
+        again = load_wikitext(data, tokenizer, max_seq_len=16, cache_dir=cache, splits=["train"])
     assert again["train"].blocks["input_ids"] == first["train"].blocks["input_ids"]
     assert again["train"].n_chars == first["train"].n_chars
-    assert len(list(cache.glob("wikitext-train-*"))) == 1  # loaded, not rebuilt
+    assert len(list(cache.glob("wikitext-train-*"))) == 1
 
     load_wikitext(data, tokenizer, max_seq_len=32, cache_dir=cache, splits=["train"])
     assert len(list(cache.glob("wikitext-train-*"))) == 2  # max_seq_len is part of the key

@@ -52,7 +52,7 @@ CASES = {
     "one_global": dict(B=2, N=40, pad_lengths=(40, 33), globals_=([0], [0])),
     "several_globals_per_example": dict(B=3, N=45, pad_lengths=(45, 41, 20),
                                         globals_=([0, 7, 44], [3], [0, 1, 2, 19])),
-    "window_larger_than_sequence": dict(B=2, N=6, pad_lengths=(6, 4), globals_=([2], [])),
+    "window_larger_than_sequence": dict(B=2, N=4, pad_lengths=(4, 3), globals_=([2], [])),  # w >= N - 1 at window 8
 }
 
 
@@ -109,8 +109,11 @@ def test_attention_module_matches_transformers_input_gradients(globals_, global_
     assert (x1.grad - x2.grad).abs().max() < 1e-5
     theirs_params = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
-        if p.grad is not None:
-            assert (p.grad - theirs_params[name].grad).abs().max() < 1e-5, name
+        hf_grad = theirs_params[name].grad
+        if p.grad is None:  # e.g. the global projections without global tokens: HF's must be zero too
+            assert hf_grad is None or hf_grad.abs().max() < 1e-7, name
+        else:
+            assert (p.grad - hf_grad).abs().max() < 1e-5, name
 
 
 @pytest.mark.parametrize("block", [None, 2, 3, 16])
@@ -262,8 +265,8 @@ def test_autocast_bf16_training_step_with_global_tokens(global_path):
     """Under torch.autocast (bf16 on CPU; test_cuda.py does fp16/bf16 on a GPU) the local rows come
     out in the autocast dtype and the global rows must too; the loss and the gradients stay close
     to fp32's."""
-    torch.manual_seed(0)
-    model = LongformerForMaskedLM(tiny_config(attention_window=[8, 6])).train()
+    torch.manual_seed(0)  # initializer_range 0.2: peaked attention, so wrong global rows show
+    model = LongformerForMaskedLM(tiny_config(attention_window=[8, 6], initializer_range=0.2)).train()
     for module in model.modules():
         if isinstance(module, LongformerSelfAttention):
             module.global_path = global_path
@@ -278,11 +281,13 @@ def test_autocast_bf16_training_step_with_global_tokens(global_path):
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss32, grads32), (loss16, grads16) = results
     assert grads16.keys() == grads32.keys()
-    assert abs(loss16 - loss32) < 0.02 * abs(loss32)
+    assert abs(loss16 - loss32) < 0.01 * abs(loss32)
+    worst = 0.0
     for name, grad in grads16.items():
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
         scale = grads32[name].abs().max().clamp_min(1e-3)
-        assert (grad - grads32[name]).abs().max() / scale < 0.1, name
+        worst = max(worst, ((grad - grads32[name]).abs().max() / scale).item())
+    assert worst < 0.3  # bf16 rounding: 0.15 (absorbed) / 0.23 (projected) here; zeroed global scores ~0.55
 
 
 def test_attention_dropout_mask_statistics():
@@ -342,13 +347,17 @@ def test_flex_refuses_backward_on_cpu():
 
 
 def test_bf16_softmax_stays_finite_and_close():
+    """initializer_range 0.2: peaked attention, so an error in the bf16 global or band maths moves
+    the outputs by far more than bf16 rounding does (0.02 would leave softmax nearly uniform)."""
     torch.manual_seed(0)
-    model = LongformerModel(tiny_config(attention_window=[8, 8]))
+    model = LongformerModel(tiny_config(attention_window=[8, 8], initializer_range=0.2))
     ids, am, gm = make_batch(2, 50, (50, 40), ([0], [0, 3]))
+    real = am.bool()
     ref = model(ids, am, gm).last_hidden_state
+    assert (model(ids, am).last_hidden_state - ref)[real].abs().max() > 1.0  # the global rows matter
     low = model.to(torch.bfloat16)(ids, am, gm).last_hidden_state.float()
     assert torch.isfinite(low).all()
-    assert (low - ref).abs().max() < 0.1
+    assert (low - ref)[real].abs().max() < 0.1
 
 
 def test_gradient_checkpointing_same_gradients():
@@ -362,8 +371,12 @@ def test_gradient_checkpointing_same_gradients():
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.gradient_checkpointing_enable()
+    calls = []
+    for layer in model.longformer.encoder.layer:  # each layer runs twice: forward, then recomputed
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module))
     torch.manual_seed(1)
     model(ids, am, gm, labels=labels).loss.backward()
+    assert len(calls) == 2 * len(model.longformer.encoder.layer)
     for n, g in plain.items():
         assert (dict(model.named_parameters())[n].grad - g).abs().max() < 1e-6, n
 
@@ -566,11 +579,13 @@ def test_saved_files_are_whole_and_readable_by_all(tmp_path):
 
 
 def test_lengthening_a_longformer_keeps_its_windows(tmp_path):
-    LongformerForMaskedLM(tiny_config(attention_window=[4, 12], max_position_embeddings=34)).save_pretrained(tmp_path / "lf")
+    source = LongformerForMaskedLM(tiny_config(attention_window=[4, 12], max_position_embeddings=34))
+    source.save_pretrained(tmp_path / "lf")
     longer = convert(tmp_path / "lf", tmp_path / "longer", max_pos=64)
     assert longer.config.attention_window == [4, 12]
     assert longer.config.max_position_embeddings == 66  # 2 reserved rows + 64 positions
     table = longer.longformer.embeddings.position_embeddings.weight
+    assert torch.equal(table[:34], source.longformer.embeddings.position_embeddings.weight)
     assert torch.equal(table[2:34], table[34:66])
 
 
@@ -603,9 +618,12 @@ def test_encoder_folder_gives_transformers_a_tied_decoder(tmp_path):
 def test_roberta_classifier_with_three_labels_loads(tmp_path):
     cfg = transformers.RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=34, num_labels=3)
-    transformers.RobertaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    roberta = transformers.RobertaForSequenceClassification(cfg)
+    roberta.save_pretrained(tmp_path)
     model = LongformerForSequenceClassification.from_pretrained(tmp_path)
     assert model.config.num_labels == 3 and model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    for name in ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"):  # the trained head, not a new one
+        assert torch.equal(model.classifier.get_parameter(name), roberta.classifier.get_parameter(name)), name
 
 
 @pytest.mark.parametrize("problem_type", [None, "multi_label_classification", "regression"])

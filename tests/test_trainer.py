@@ -281,7 +281,7 @@ def test_resume_with_another_world_size_trains_the_planned_epochs(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     flags = ["--epochs", "2", "--n_train", "8", "--batch_size", "1", "--save_every_n_steps", "2",
-             "--val_check_interval", "2"]
+             "--val_check_interval", "2", "--best_mode", "max"]  # max: the loss falls, so the best is not the last
     crashed = train(tmp_path, *flags, "--crash_during_save_at", "4", nproc=2, check=False)
     assert crashed.returncode != 0 and (run_dir(tmp_path) / "checkpoints" / "latest").read_text() == "global_step2"
     train(tmp_path, *flags, "--resume", "latest")
@@ -290,6 +290,11 @@ def test_resume_with_another_world_size_trains_the_planned_epochs(tmp_path):
 
     rows = [json.loads(line) for line in (run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12, 14]
+    best = max(rows, key=lambda r: r["loss"])  # best_metric loss, mode max, across the resume
+    assert best["step"] != rows[-1]["step"]
+    assert (summary["best_step"], summary["best_value"]) == (best["step"], pytest.approx(best["loss"]))
+    ckpts = sorted(p.name for p in (run_dir(tmp_path) / "checkpoints").glob("global_step*"))
+    assert ckpts == ["global_step12", "global_step14"]  # keep_last_k 2 of the 7 saves, the crashed run's too
     acc = EventAccumulator(str(run_dir(tmp_path)))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 15))
