@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
     long_tok = AutoTokenizer.from_pretrained(long_dir)
     short_tok = AutoTokenizer.from_pretrained(model_path)
     docs = make_documents(long_tok, args.num_docs + args.eval_docs, args.max_seq_len - 2, evidence_after,
-                          args.evidence_sentences, seed=args.seed, progress=rank == 0)
+                          args.evidence_sentences, seed=args.seed, progress=rank == 0, holdout=args.eval_docs)
     train_docs, eval_docs = docs[:args.num_docs], docs[args.num_docs:]
     # Global attention on [CLS] for the Longformer only: the short model must stay exactly itself.
     encoded = {name: tuple(encode_classification(docs, tok, n, global_first=name == "long")

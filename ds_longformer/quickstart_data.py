@@ -22,8 +22,9 @@ API
 ``filler_sentences() -> list[str]``
     The prose sentences of the Python Language Reference (code, grammar and tables left out).
 ``make_documents(tokenizer, num_docs, doc_tokens, evidence_after, evidence_sentences=16, seed=0,
-progress=True) -> list[dict]``
-    ``num_docs`` balanced examples ``{"text", "label", "id", "evidence_token"}`` of at most
+progress=True, holdout=0) -> list[dict]``
+    ``num_docs`` balanced examples (the first ``num_docs - holdout`` and the last ``holdout``
+    each balanced on their own, so a held-out split taken from the end is balanced too) ``{"text", "label", "id", "evidence_token"}`` of at most
     ``doc_tokens`` tokens (special tokens not counted): a length drawn uniformly from
     ``[3/4 * doc_tokens, doc_tokens]``, less the part of a sentence that would not fit;
     ``evidence_token`` is the review's first token index in the encoded document (with
@@ -81,14 +82,17 @@ def _evidence(label: int, sentences: int, rng: random.Random) -> str:
 
 
 def make_documents(tokenizer, num_docs: int, doc_tokens: int, evidence_after: int, evidence_sentences: int = 16,
-                   seed: int = 0, progress: bool = True) -> list[dict]:
+                   seed: int = 0, progress: bool = True, holdout: int = 0) -> list[dict]:
     sentences = filler_sentences()
     # Lengths with a leading space: what a sentence costs in the middle of a text (BPE tokenizers
     # encode " word" and "word" differently; WordPiece does not care).
     lengths = [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]
     rng = random.Random(seed)
-    labels = [i % 2 for i in range(num_docs)]
-    rng.shuffle(labels)
+    labels = []
+    for size in (num_docs - holdout, holdout):  # each part balanced, in random order
+        part = [i % 2 for i in range(size)]
+        rng.shuffle(part)
+        labels += part
     docs = []
     for i, label in enumerate(tqdm(labels, desc="documents", disable=not progress)):
         evidence = _evidence(label, evidence_sentences, rng)

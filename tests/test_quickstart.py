@@ -61,6 +61,8 @@ def test_documents_put_the_evidence_past_the_short_model(minilm_path):
         head = set(re.findall(r"[a-z]+", tokenizer.decode(ids[:615])))
         assert not head & set(POSITIVE + NEGATIVE)
     assert make_documents(tokenizer, 20, 1000, 614, evidence_sentences=4, seed=1, progress=False) == docs
+    split = make_documents(tokenizer, 20, 1000, 614, evidence_sentences=4, seed=1, progress=False, holdout=6)
+    assert sum(d["label"] for d in split[:14]) == 7 and sum(d["label"] for d in split[14:]) == 3  # each part balanced
     with pytest.raises(ValueError, match="too short"):
         make_documents(tokenizer, 2, 1000, 614, evidence_sentences=16, progress=False)
 

@@ -142,20 +142,21 @@ def run_worker(module: str, spec: dict, threads: int, timeout: float = 900) -> d
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        oom = "out of memory" in done.stderr.lower() or done.returncode == -9
+        stderr = done.stderr.lower()  # CUDA's "out of memory", CPU's "can't allocate memory", or killed by the OOM killer
+        oom = "out of memory" in stderr or "can't allocate memory" in stderr or done.returncode == -9
         return {**spec, "error": "out of memory" if oom else tail[0][:200]}
     return json.loads(lines[-1])
 
 
 def summarize_rounds(runs: list[dict], group_by: tuple[str, ...], fields: tuple[str, ...], speed: str,
-                     faster: str, memory: str) -> list[dict]:
+                     faster: str, memory: str, reference: str = "hf") -> list[dict]:
     """One row per configuration (the runs sharing `group_by`, one per round): the median over
     rounds of each of `fields` the runs have, and the median and range of the per-round ratios to
-    the hf run of the same configuration and round, each ratio within one round:
+    the `reference` run (impl) of the same configuration and round, each ratio within one round:
       speed_vs_hf = how many times faster by `speed` ("higher" or "lower" is faster, `faster`),
       speed_range = "min-max" of those ratios,  mem_vs_hf = run[memory] / hf[memory]."""
     same_config = lambda r: tuple(r[k] for k in group_by if k != "impl")  # noqa: E731
-    hf = {(same_config(r), r["round"]): r for r in runs if r["impl"] == "hf"}
+    hf = {(same_config(r), r["round"]): r for r in runs if r["impl"] == reference}
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(run[k] for k in group_by), []).append(run)

@@ -41,9 +41,13 @@ def search(spec: dict, start: int, max_len: int, min_len: int, timeout: float, r
 
     def fits(n: int) -> bool:
         res = run_worker(WORKER_MODULE, dict(spec, seq_len=n), spec["threads"], timeout=timeout)
-        res.setdefault("fits", False)  # a crashed or killed worker did not fit
+        # Out of memory (or killed for it) means "does not fit"; any other failure is no answer.
+        failed = "fits" not in res and res.get("error") != "out of memory"
+        res.setdefault("fits", False)
         tries.append(res)
         report(res)
+        if failed:
+            raise RuntimeError(f"{spec['impl']} at N={n} failed ({res.get('error')}), not for memory: no longest N")
         return res["fits"]
 
     n = start
@@ -66,7 +70,8 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=None, help="stop doubling here (default 32768 CPU, 131072 CUDA)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--impls", nargs="+", choices=["ours", "hf"], default=["ours", "hf"])
+    p.add_argument("--impls", nargs="+", choices=["ours", "hf", "hf_masked"], default=["ours", "hf"],
+                   help="hf_masked: transformers' model scoring only the masked positions, as ours does")
     p.add_argument("--warmup_len", type=int, default=512, help="tokens of the warm-up step")
     p.add_argument("--json", default="longest_sequence_benchmark.json", help="where to write all results")
     add_model_args(p)
@@ -101,7 +106,12 @@ def main(argv=None):
         save()  # a run stopped midway keeps what it measured
 
     for impl in args.impls:
-        longest, _ = search(dict(spec0, impl=impl), args.start, max_len, args.window, args.worker_timeout, report)
+        try:
+            longest, _ = search(dict(spec0, impl=impl), args.start, max_len, args.window, args.worker_timeout,
+                                report)
+        except RuntimeError as err:
+            print(f"  {err}", flush=True)
+            longest = None
         result["longest"][impl] = longest
 
     rows = [dict(r, fit="yes" if r["fits"] else "no", note=r.get("error") or r.get("stopped"))
@@ -112,10 +122,11 @@ def main(argv=None):
     capped = {impl for impl, n in longest.items() if n is not None and n * 2 > max_len}
     for impl, n in longest.items():
         print(f"longest {impl}: {n if n is not None else 'none'}{' (--max_len reached)' if impl in capped else ''}")
-    if longest.get("ours") and longest.get("hf"):
-        result["ratio"] = longest["ours"] / longest["hf"]
-        bound = ">= " if "ours" in capped else ""  # ours might fit longer still
-        print(f"ratio ours/hf: {bound}{result['ratio']:.2f}")
+    for other in ("hf", "hf_masked"):
+        if longest.get("ours") and longest.get(other):
+            result["ratio" if other == "hf" else f"ratio_{other}"] = ratio = longest["ours"] / longest[other]
+            bound = ">= " if "ours" in capped else ""  # ours might fit longer still
+            print(f"ratio ours/{other}: {bound}{ratio:.2f}")
     save()
     print(f"# wrote {args.json}")
 

@@ -15,6 +15,12 @@ loaded by transformers.LongformerForMaskedLM.from_pretrained) and see the same b
 tokens, <s> first with global attention (1 global token), 15% of the tokens masked as MLM labels.
 Attention dropout (--attention_dropout) is 0.1 for both, 0 when our backend is flex (it has none).
 
+Our MLM head scores only the masked positions in training (the same loss); transformers' scores all
+N over the whole vocabulary, a large share of its step and of its memory (the N x vocab logits and
+their gradients). `--impls ... hf_masked` adds transformers' model with our head's shortcut (its
+encoder, then its lm_head on the masked positions only): against it the table's "vs hf_masked"
+column isolates the encoder and attention.
+
 Each (model, precision, checkpointing) runs in a fresh worker process: --warmup untimed steps
 (on CPU of --warmup_len tokens: they only have to allocate the optimizer state), one full-length
 step for memory, then --steps timed steps (the first also regrows the heap under the timing
@@ -23,7 +29,8 @@ is the worker's CPU time (steady on a shared machine; with --threads 1 it equals
 idle core), on CUDA synchronized wall time. Memory: peak of the memory step above the worker's
 memory before the model was built (peak RSS on CPU, under the malloc settings of
 common.malloc_for; torch.cuda.max_memory_allocated on CUDA), so it counts weights, gradients,
-optimizer state and activations; "act" is the part above the state kept between steps.
+optimizer state and activations; "act" is the part above the state kept between steps (weights and
+optimizer state): the activations and the step's gradients.
 --rounds repeats every worker, interleaved ours/hf, and the table gives medians over rounds.
 
 Defaults (CPU / CUDA): --layers 2 / 12, --precisions fp32 (+ bf16 where the CPU has native bf16:
@@ -42,6 +49,7 @@ import statistics
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -74,18 +82,34 @@ def build_model(spec: dict) -> torch.nn.Module:
         max_position_embeddings=spec["seq_len"] + 2, attention_window=spec["window"],
         attention_backend=spec["backend"], attention_probs_dropout_prob=spec["attention_dropout"])
     model = LongformerForMaskedLM(config)
-    if spec["impl"] == "hf":
+    if spec["impl"] in ("hf", "hf_masked"):
         import transformers
 
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             model = transformers.LongformerForMaskedLM.from_pretrained(folder)
-    if spec["checkpointing"]:
-        if spec["impl"] == "hf":  # recompute in backward, non-reentrant as ours
+        if spec["checkpointing"]:  # recompute in backward, non-reentrant as ours
             model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable()
+        return MaskedPositionsHead(model) if spec["impl"] == "hf_masked" else model
+    if spec["checkpointing"]:
+        model.gradient_checkpointing_enable()
     return model
+
+
+class MaskedPositionsHead(torch.nn.Module):
+    """transformers' LongformerForMaskedLM with our head's shortcut: its encoder, then its lm_head
+    on the labelled positions only; the same loss as scoring every position."""
+
+    def __init__(self, mlm: torch.nn.Module):
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, input_ids, attention_mask, global_attention_mask, labels):
+        hidden = self.mlm.longformer(input_ids=input_ids, attention_mask=attention_mask,
+                                     global_attention_mask=global_attention_mask)[0]
+        scored = labels != -100
+        logits = self.mlm.lm_head(hidden[scored])
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), labels[scored]))
 
 
 def make_batch(spec: dict, seq_len: int, device) -> dict:
@@ -246,7 +270,8 @@ def main(argv=None):
                    help="default fp32 (+ bf16 with native CPU bf16) on CPU, fp16 bf16 on CUDA")
     p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
                    help="gradient checkpointing settings to measure")
-    p.add_argument("--impls", nargs="+", choices=["ours", "hf"], default=["ours", "hf"])
+    p.add_argument("--impls", nargs="+", choices=["ours", "hf", "hf_masked"], default=["ours", "hf"],
+                   help="hf_masked: transformers' model scoring only the masked positions, as ours does")
     p.add_argument("--steps", type=int, default=None, help="timed steps (median reported; default 3 CPU, 5 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 2 CUDA)")
     p.add_argument("--rounds", type=int, default=2,
@@ -302,12 +327,20 @@ def main(argv=None):
     rows[:] = summarize_rounds(ok, group_by=("impl", "precision", "ckpt"),
                                fields=("step_s", "tokens_per_s", "peak_mib", "act_mib", "loss"),
                                speed="tokens_per_s", faster="higher", memory="peak_mib")
+    if "hf_masked" in args.impls:  # the same ratios against transformers' model with the masked-only head
+        masked = summarize_rounds(ok, group_by=("impl", "precision", "ckpt"), fields=(), speed="tokens_per_s",
+                                  faster="higher", memory="peak_mib", reference="hf_masked")
+        for row, other in zip(rows, masked):
+            row.update(vs_masked=other.get("speed_vs_hf"), vs_masked_range=other.get("speed_range"),
+                       mem_vs_masked=other.get("mem_vs_hf"))
     rows += [r for r in runs if "error" in r]
     print_table(rows, [("impl", "model", "s"), ("precision", "precision", "s"), ("ckpt", "ckpt", "s"),
                        ("seq_len", "N", "d"), ("step_s", "step s", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("loss", "loss", ".3f"),
                        ("speed_vs_hf", "speed vs hf", ".2f"), ("speed_range", "per round", "s"),
-                       ("mem_vs_hf", "mem vs hf", ".2f")])
+                       ("mem_vs_hf", "mem vs hf", ".2f")]
+                + ([("vs_masked", "vs hf_masked", ".2f"), ("vs_masked_range", "per round", "s"),
+                    ("mem_vs_masked", "mem vs hf_masked", ".2f")] if "hf_masked" in args.impls else []))
     for row in rows:
         if "error" in row:
             print(f"  {row['impl']} {row['precision']} checkpointing {row['ckpt']}: {row['error']}")
