@@ -30,6 +30,9 @@ RUNS = {
                                      "--warmup_len", "32"]),
     "over_budget": ("longest_sequence", [*TINY_MODEL, "--impls", "ours", "--start", "16", "--budget_gib", "0.001"]),
     "fp16_on_cpu": ("train_step", ["--device", "cpu", "--precisions", "fp16"]),
+    "masked_head": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "off", "--steps", "1",
+                                   "--warmup", "1", "--warmup_len", "32", "--rounds", "1",
+                                   "--impls", "ours", "hf", "hf_masked"]),
 }
 
 
@@ -91,6 +94,26 @@ def test_train_step_cli(cli):
         assert torch.isfinite(torch.tensor(row["loss"]))
     assert ours["speed_vs_hf"] > 0 and ours["mem_vs_hf"] > 0
     assert hf["speed_vs_hf"] == pytest.approx(1.0)
+
+
+def test_train_step_against_transformers_with_the_masked_only_head(cli):
+    """hf_masked: transformers' encoder and lm_head, scoring only the masked positions as ours does:
+    the same loss as transformers' full head, and its own ratio columns."""
+    returncode, stdout, stderr, result = cli("masked_head")
+    assert returncode == 0, stderr[-3000:]
+    assert "vs hf_masked" in stdout
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["hf_masked"]["loss"] == pytest.approx(rows["hf"]["loss"], rel=1e-5)
+    assert rows["hf_masked"]["vs_masked"] == pytest.approx(1.0) and rows["ours"]["vs_masked"] > 0
+
+
+def test_search_stops_on_a_worker_failure_that_is_not_memory(monkeypatch):
+    monkeypatch.setattr(longest_sequence, "run_worker", lambda module, spec, threads, timeout: {**spec, "error": "boom"})
+    with pytest.raises(RuntimeError, match="failed \\(boom\\), not for memory"):
+        longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 512, 60, report=lambda r: None)
+    oom = lambda module, spec, threads, timeout: {**spec, "error": "out of memory"}  # noqa: E731
+    monkeypatch.setattr(longest_sequence, "run_worker", oom)
+    assert longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 4096, 60, report=lambda r: None)[0] is None
 
 
 def test_train_step_refuses_fp16_on_cpu(cli):
