@@ -79,7 +79,7 @@ def short_config_to_longformer(cfg: dict, attention_window: int | list[int]) -> 
     pad = cfg.get("pad_token_id", 1 if model_type != "bert" else 0)
     keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "type_vocab_size",
-            "initializer_range", "layer_norm_eps", "id2label", "classifier_dropout")
+            "initializer_range", "layer_norm_eps", "id2label", "classifier_dropout", "problem_type")
     kw = {k: cfg[k] for k in keep if cfg.get(k) is not None}
     if "id2label" in kw:  # a classifier: its label count (transformers writes the keys as strings)
         kw["id2label"] = {int(k): v for k, v in kw["id2label"].items()}
@@ -88,7 +88,7 @@ def short_config_to_longformer(cfg: dict, attention_window: int | list[int]) -> 
         raise ValueError(f"position_embedding_type={cfg['position_embedding_type']!r} is not supported: "
                          "only absolute position embeddings can be copied to a longer table")
     # RoBERTa configs name <s>/</s>; BERT configs name neither [CLS] nor [SEP]: None, which
-    # convert() fills from the tokenizer (0 and 2 would be [PAD] and [unused1] there).
+    # load_folder fills from the folder's tokenizer (0 and 2 would be [PAD] and [unused1] there).
     bos = cfg.get("bos_token_id", cfg.get("cls_token_id"))
     eos = cfg.get("eos_token_id", cfg.get("sep_token_id"))
     return LongformerConfig(
@@ -132,6 +132,23 @@ def copy_local_to_global(state: dict):
             state[f"{m.group(1)}{m.group(2)}_global.{m.group(3)}"] = state[k].clone()
 
 
+def _fill_special_ids(config: LongformerConfig, folder: Path) -> None:
+    """[CLS]/[SEP] ids a BERT-style config does not name, from the folder's tokenizer (if any)."""
+    if None not in (config.bos_token_id, config.eos_token_id, config.sep_token_id):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return  # no tokenizer: the ids stay unset (null in config.json), never guessed
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    config.bos_token_id = config.bos_token_id if config.bos_token_id is not None else start
+    config.eos_token_id = config.eos_token_id if config.eos_token_id is not None else end
+    config.sep_token_id = config.sep_token_id if config.sep_token_id is not None else end
+
+
 # ---- loading into our classes ---------------------------------------------------------------
 def load_folder(cls, folder: str | Path, attention_window: int | list[int] | None = None, **overrides):
     """Build `cls` from a Longformer or short-encoder folder. Raises a clear error on a folder of
@@ -151,6 +168,7 @@ def load_folder(cls, folder: str | Path, attention_window: int | list[int] | Non
         for k, v in overrides.items():
             setattr(config, k, v)
         config.validate()
+        _fill_special_ids(config, folder)
         state = short_to_longformer_state(state, raw)
     else:
         raise ValueError(

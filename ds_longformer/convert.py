@@ -91,11 +91,6 @@ def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
     model_type = read_config_json(source).get("model_type")
     model = convert_to_long(source, max_pos, attention_window)
     tokenizer = load_source_tokenizer(source, max_pos)
-    if tokenizer is not None:  # BERT configs name no [CLS]/[SEP] ids: the tokenizer knows them
-        config = model.config
-        config.bos_token_id = config.bos_token_id if config.bos_token_id is not None else tokenizer.cls_token_id
-        config.eos_token_id = config.eos_token_id if config.eos_token_id is not None else tokenizer.sep_token_id
-        config.sep_token_id = config.sep_token_id if config.sep_token_id is not None else tokenizer.sep_token_id
     model.save_pretrained(output)
     if tokenizer is not None:
         save_tokenizer(tokenizer, output, max_pos)

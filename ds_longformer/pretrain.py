@@ -135,7 +135,7 @@ class FixedMaskBlocks(Dataset):
         ids = torch.as_tensor(self.blocks[index]["input_ids"], dtype=torch.long)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         masked, labels = mask_tokens(ids, torch.isin(ids, self.special_ids), self.mask_token_id,
-                                     self.vocab_size, generator=generator)
+                                     self.vocab_size, generator=generator, special_ids=self.special_ids)
         return {"input_ids": masked, "labels": labels}
 
 

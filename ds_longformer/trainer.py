@@ -76,6 +76,7 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 CKPT_PREFIX = "global_step"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: marks it complete
+BEST_STEP_FILE = "best_step.json"  # in best_model/: the step whose weights it holds
 
 
 @dataclasses.dataclass
@@ -459,7 +460,7 @@ class Trainer:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "train_loss": self._last_logged.get("train/loss"), "val_metrics": self.last_val_metrics,
                 "best_metric": self.args.best_metric, "best_value": self.best_value, "best_step": self.best_step,
-                "best_model": str(self.run_dir / "best_model") if self.best_step is not None else None,
+                "best_model": str(self.run_dir / "best_model") if (self.run_dir / "best_model").is_dir() else None,
                 "final_model": str(final), "run_dir": str(self.run_dir),
                 "train_time_s": time.perf_counter() - started}
 
@@ -618,6 +619,8 @@ class Trainer:
         if better and math.isfinite(value):
             self.best_value, self.best_step = value, self.global_step
             self.export(self.run_dir / "best_model")
+            if self.rank == 0:  # which step it holds: a resume from an earlier checkpoint checks it
+                _atomic_write_text(self.run_dir / "best_model" / BEST_STEP_FILE, json.dumps({"step": self.global_step}))
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
@@ -633,9 +636,10 @@ class Trainer:
         if self.rank == 0 and tag_dir.exists():  # leftovers of a save that crashed, or of a run rolled back
             latest = self.ckpt_dir / "latest"
             if latest.is_file() and latest.read_text().strip() == tag:  # rolled back past it: `latest`
-                older = self._complete_checkpoints(below=self.global_step - 1)  # must not name a folder being rewritten
-                if older:
-                    _atomic_write_text(latest, older[-1].name)
+                # must not name a folder being rewritten: this run's own last checkpoint (or resume point)
+                own = self.ckpt_dir / f"{CKPT_PREFIX}{self._saved_at}"
+                if self._saved_at >= 0 and own != tag_dir and (own / STATE_FILE).is_file():
+                    _atomic_write_text(latest, own.name)
                 else:
                     latest.unlink()
             shutil.rmtree(tag_dir)
@@ -705,6 +709,21 @@ class Trainer:
                 f"(or resume with {saved['world_size']} ranks).")
         return path.parent, path.name
 
+    def _drop_best_model_from_later_steps(self) -> None:
+        """best_model/ exported after the checkpoint we resume from (by the interrupted run, or by
+        the one rolled back) is not the restored best_step's: remove it; the next better validation
+        writes it again. Rank 0 reads the marker and every rank learns the answer (no shared disk needed)."""
+        folder = self.run_dir / "best_model"
+        marker = folder / BEST_STEP_FILE
+        stale = 0
+        if self.rank == 0 and marker.is_file():
+            stale = int(json.loads(marker.read_text())["step"] != self.best_step)
+        if reduce_across_ranks(torch.tensor([stale])).item():
+            if self.rank == 0:
+                logger.warning("%s holds a step after the resumed checkpoint (best_step %s): removed", folder,
+                               self.best_step)
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _load_checkpoint(self, load_dir: Path, tag: str) -> None:
         loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if loaded is None:
@@ -713,6 +732,7 @@ class Trainer:
         self.epoch, self.epoch_samples = state["epoch"], state["epoch_samples"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
         self._validated_at = state.get("validated_at", -1)  # a finished run resumed does not validate again
+        self._drop_best_model_from_later_steps()
         rng_file = load_dir / tag / f"rng_state_rank{self.rank}.pt"
         if state["world_size"] == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
