@@ -32,7 +32,8 @@ Run folder ``<default_root_dir>/<project_name>/`` (= ``trainer.run_dir``): Tenso
 gpu_peak_mem_gb or rss_gb; val/<metric>), ``metrics.jsonl`` (one object per validation: step,
 epoch, metrics), ``checkpoints/global_step<N>/`` (DeepSpeed files, per-rank RNG states and, written
 last, ``trainer_state.json``; ``checkpoints/latest`` names the newest complete one; the last
-``keep_last_k`` are kept), ``best_model/`` and ``final_model/`` (Hugging Face folders).
+``keep_last_k`` are kept), ``best_model/`` (with ``best_step.json``: the step it holds) and
+``final_model/`` (Hugging Face folders).
 
 DeepSpeed config (``--deepspeed_config``: a path, a name in ``ds_configs/`` such as ``zero3``, or a
 dict): run-dependent keys (micro batch, accumulation, clipping, lr, weight decay, scheduler
