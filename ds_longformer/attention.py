@@ -55,10 +55,9 @@ class AttentionLayout:
     @classmethod
     def build(cls, attention_mask: Tensor, global_attention_mask: Tensor | None = None) -> "AttentionLayout":
         valid = attention_mask.bool()
-        if global_attention_mask is None:
-            is_global = torch.zeros_like(valid)
-        else:
-            is_global = global_attention_mask.bool() & valid
+        is_global = attention_mask == 2  # transformers' convention: 2 = a real token with global attention
+        if global_attention_mask is not None:
+            is_global = (is_global | global_attention_mask.bool()) & valid
         counts = is_global.sum(dim=1)  # (B,)
         G = int(counts.max()) if is_global.numel() else 0
         # Stable sort puts the global positions first, in order; the rest are unused slots.

@@ -132,21 +132,27 @@ def copy_local_to_global(state: dict):
             state[f"{m.group(1)}{m.group(2)}_global.{m.group(3)}"] = state[k].clone()
 
 
+def mismatched_shapes(state: dict, ours: dict) -> list[str]:
+    """'name: file (shape) vs model (shape)' for every tensor both have with different shapes."""
+    return [f"{k}: file {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+            for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+
+
 def _fill_special_ids(config: LongformerConfig, folder: Path) -> None:
     """[CLS]/[SEP] ids a BERT-style config does not name, from the folder's tokenizer (if any)."""
     if None not in (config.bos_token_id, config.eos_token_id, config.sep_token_id):
         return
     from transformers import AutoTokenizer
 
+    from .data.common import sequence_bounds
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        start, end = sequence_bounds(AutoTokenizer.from_pretrained(str(folder)))
     except (OSError, ValueError):
         return  # no tokenizer: the ids stay unset (null in config.json), never guessed
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    config.bos_token_id = config.bos_token_id if config.bos_token_id is not None else start
-    config.eos_token_id = config.eos_token_id if config.eos_token_id is not None else end
-    config.sep_token_id = config.sep_token_id if config.sep_token_id is not None else end
+    for field, value in (("bos_token_id", start), ("eos_token_id", end), ("sep_token_id", end)):
+        if getattr(config, field) is None:
+            setattr(config, field, value)
 
 
 # ---- loading into our classes ---------------------------------------------------------------
@@ -190,8 +196,7 @@ def load_folder(cls, folder: str | Path, attention_window: int | list[int] | Non
         elif name in state and tied_to in state and not torch.equal(state[name], state[tied_to]):
             raise ValueError(f"{folder}: {name} differs from {tied_to} (tie_word_embeddings false?); "
                              f"{cls.__name__} ties them, so one of the two would be lost")
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
-                  for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    mismatched = mismatched_shapes(state, ours)
     if mismatched:
         raise ValueError(f"{folder}: checkpoint does not fit the config's shapes:\n  " + "\n  ".join(mismatched))
     missing = sorted(set(ours) - set(state))

@@ -63,26 +63,23 @@ def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: i
     return model
 
 
-def load_source_tokenizer(source: str | Path, max_pos: int):
-    """The source's tokenizer with model_max_length = max_pos; None (and a warning) if it has none."""
+def save_tokenizer(source: str | Path, output: str | Path, max_pos: int) -> bool:
+    """Copy the source tokenizer with model_max_length raised; False if the source has none."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=max_pos)
     except (OSError, ValueError) as err:
         log.warning("no tokenizer saved: could not load one from %s (%s)", source, err)
-        return None
+        return False
     tokenizer.model_max_length = max_pos
-    return tokenizer
-
-
-def save_tokenizer(tokenizer, output: str | Path, max_pos: int) -> None:
     tokenizer.save_pretrained(str(output))
     cfg_path = Path(output) / "tokenizer_config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         cfg["model_max_length"] = max_pos
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return True
 
 
 def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
@@ -90,10 +87,8 @@ def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
     """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
     model_type = read_config_json(source).get("model_type")
     model = convert_to_long(source, max_pos, attention_window)
-    tokenizer = load_source_tokenizer(source, max_pos)
     model.save_pretrained(output)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, output, max_pos)
+    save_tokenizer(source, output, max_pos)
     log.info("converted %s (%s) -> %s: %s, %d positions, windows %s", source, model_type, output,
              type(model).__name__, max_pos, model.config.attention_window)
     return model

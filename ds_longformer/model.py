@@ -238,10 +238,6 @@ class LongformerModel(LongformerPreTrainedModel):
         self.check_inputs(input_ids, attention_mask, global_attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if (attention_mask == 2).any():  # transformers' convention: 2 = real token with global attention
-            marked = attention_mask == 2
-            global_attention_mask = marked if global_attention_mask is None else global_attention_mask.bool() | marked
-            attention_mask = attention_mask.clamp(max=1)
         if layout is None:
             layout = AttentionLayout.build(attention_mask, global_attention_mask)
         hidden = self.encoder(self.embeddings(input_ids, token_type_ids), layout)  # (B, N, C)

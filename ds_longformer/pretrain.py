@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import LongformerForMaskedLM
-from .checkpoint import copy_local_to_global, read_config_json, read_state_dict
+from .checkpoint import copy_local_to_global, mismatched_shapes, read_config_json, read_state_dict
 from .convert import convert_to_long, has_mlm_head
 from .data.collate import pad_batch
 from .data.mlm import MLMCollator, mask_tokens
@@ -97,9 +97,7 @@ def load_weights(model: LongformerForMaskedLM, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise TaskError(f"--state_dict_path {path} does not exist")
-    ours = model.state_dict()
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
-                  for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    mismatched = mismatched_shapes(state, model.state_dict())
     if mismatched:
         raise TaskError(f"--state_dict_path {path} does not fit the model's shapes: {mismatched[:5]}")
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -713,17 +713,13 @@ class Trainer:
     def _drop_best_model_from_later_steps(self) -> None:
         """best_model/ exported after the checkpoint we resume from (by the interrupted run, or by
         the one rolled back) is not the restored best_step's: remove it; the next better validation
-        writes it again. Rank 0 reads the marker and every rank learns the answer (no shared disk needed)."""
+        writes it again. Rank 0's business, as the export's writing is."""
         folder = self.run_dir / "best_model"
         marker = folder / BEST_STEP_FILE
-        stale = 0
-        if self.rank == 0 and marker.is_file():
-            stale = int(json.loads(marker.read_text())["step"] != self.best_step)
-        if reduce_across_ranks(torch.tensor([stale])).item():
-            if self.rank == 0:
-                logger.warning("%s holds a step after the resumed checkpoint (best_step %s): removed", folder,
-                               self.best_step)
-                shutil.rmtree(folder, ignore_errors=True)
+        if self.rank == 0 and marker.is_file() and json.loads(marker.read_text())["step"] != self.best_step:
+            logger.warning("%s holds a step after the resumed checkpoint (best_step %s): removed", folder,
+                           self.best_step)
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _load_checkpoint(self, load_dir: Path, tag: str) -> None:
         loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
