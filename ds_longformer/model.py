@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import flops
 from .attention import AttentionLayout, LongformerSelfAttention
 from .config import LongformerConfig
 
@@ -191,6 +192,28 @@ class LongformerPreTrainedModel(nn.Module):
         for layer in self.encoder_model.encoder.layer:
             layer.attention.self.backend = backend
 
+    def train_flops(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    global_attention_mask: Tensor | None = None, **head_inputs) -> float:
+        """Model FLOPs of one training step (forward + backward) on this batch, as `flops.py`
+        counts them: the trainer's TFLOP/s and MFU. Reads only the masks' counts (no forward)."""
+        c, N = self.config, input_ids.shape[1]
+        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
+        is_global = attention_mask == 2 if attention_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if global_attention_mask is not None:
+            is_global = is_global | global_attention_mask.bool()
+        if attention_mask is not None:
+            is_global = is_global & attention_mask.bool()
+        encoder = sum(flops.encoder_layer_flops(N, window, g, c.hidden_size, c.num_attention_heads,
+                                                c.intermediate_size)
+                      for g in is_global.sum(dim=1).tolist() for window in c.attention_window)
+        return 3 * (encoder + self._head_flops(input_ids, **head_inputs))
+
+    def _default_global_mask(self, input_ids: Tensor, global_attention_mask: Tensor | None) -> Tensor | None:
+        return global_attention_mask  # heads that add global tokens by default say so
+
+    def _head_flops(self, input_ids: Tensor, **head_inputs) -> float:
+        return 0.0
+
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None):
         from .checkpoint import save_folder
 
@@ -281,6 +304,10 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
             self.lm_head.decoder.bias = nn.Parameter(bias)
             self.lm_head.bias = self.lm_head.decoder.bias
 
+    def _head_flops(self, input_ids, labels=None, **_) -> float:
+        scored = input_ids.numel() if labels is None else int((labels != -100).sum())  # see forward
+        return 2 * scored * self.config.hidden_size * (self.config.hidden_size + self.config.vocab_size)
+
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
                 token_type_ids=None) -> ModelOutput:
         """Training with labels scores only the labelled (masked) positions: the same loss without
@@ -334,9 +361,16 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
         self.classifier = LongformerClassificationHead(config)
         self.init_weights()
 
+    def _default_global_mask(self, input_ids, global_attention_mask):
+        return _cls_global_mask(input_ids, global_attention_mask)
+
+    def _head_flops(self, input_ids, **_) -> float:
+        c = self.config
+        return 2 * input_ids.shape[0] * c.hidden_size * (c.hidden_size + c.num_labels)
+
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
                 token_type_ids=None) -> ModelOutput:
-        global_attention_mask = _cls_global_mask(input_ids, global_attention_mask)
+        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
         logits = self.classifier(out.last_hidden_state)  # (B, num_labels)
         loss = None
@@ -378,6 +412,9 @@ class LongformerForCandidateScoring(LongformerPreTrainedModel):
         self.longformer = LongformerModel(config, add_pooling_layer=False)
         self.qa_score = nn.Linear(config.hidden_size, 1)
         self.init_weights()
+
+    def _head_flops(self, input_ids, candidate_positions=None, **_) -> float:
+        return 0.0 if candidate_positions is None else 2 * candidate_positions.numel() * self.config.hidden_size
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, candidate_positions=None,
                 candidate_mask=None, labels=None, token_type_ids=None) -> ModelOutput:

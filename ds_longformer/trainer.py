@@ -29,6 +29,7 @@ Attributes tasks may read: ``rank``, ``world_size``, ``global_step``, ``epoch``,
 
 Run folder ``<default_root_dir>/<project_name>/`` (= ``trainer.run_dir``): TensorBoard events
 (rank 0: train/loss, lr, grad_norm, loss_scale (fp16), tokens_per_s, samples_per_s, step_time,
+tflops and mfu_percent (per device, model FLOPs from the model's ``train_flops``, see flops.py),
 gpu_peak_mem_gb or rss_gb; val/<metric>), ``metrics.jsonl`` (one object per validation: step,
 epoch, metrics), ``checkpoints/global_step<N>/`` (DeepSpeed files, per-rank RNG states and, written
 last, ``trainer_state.json``; ``checkpoints/latest`` names the newest complete one; the last
@@ -104,6 +105,7 @@ class TrainerArgs:
     num_workers: int = 0
     precision: str = "auto"  # auto (the config's; "auto" there = bf16 on a bf16 GPU), fp32, bf16, fp16
     log_every_n_steps: int = 1
+    peak_tflops: float = 0.0  # per device, for train/mfu_percent; 0: a known GPU's, else a measured matmul rate
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "TrainerArgs":
@@ -140,6 +142,9 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--num_workers", type=int, default=d.num_workers)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
     g.add_argument("--log_every_n_steps", type=int, default=d.log_every_n_steps)
+    g.add_argument("--peak_tflops", type=float, default=d.peak_tflops,
+                   help="peak TFLOP/s of one device in the training precision, for train/mfu_percent; default: "
+                        "a known GPU's datasheet figure, else a matmul rate measured at start")
     return parser
 
 
@@ -329,6 +334,10 @@ class _Monitor:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
 
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text)
+
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.enabled:
             self.bar.update(step - self.bar.n)
@@ -366,6 +375,8 @@ class Trainer:
             raise ValueError(f"best_mode must be 'min' or 'max', got {args.best_mode!r}")
         if args.log_every_n_steps < 1:
             raise ValueError(f"--log_every_n_steps must be at least 1, got {args.log_every_n_steps}")
+        if args.peak_tflops < 0:
+            raise ValueError(f"--peak_tflops must be positive (or 0: known GPU / measured), got {args.peak_tflops}")
         self.args, self.tokenizer = args, tokenizer
         self.val_dataset, self.collate_fn = val_dataset, collate_fn
         self.compute_metrics, self.reduce_metrics = compute_metrics, reduce_metrics
@@ -412,6 +423,8 @@ class Trainer:
         forward = inspect.signature(self.engine.module.forward).parameters
         self._takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in forward.values())
         self._forward_args = set(forward)
+        self._train_flops = getattr(self.engine.module, "train_flops", None)  # None: no tflops/MFU logged
+        self._peak_flops = None  # FLOP/s one device can do (rank 0, at fit)
 
         self.epoch, self.epoch_samples = 0, 0  # epoch_samples: global samples used in this epoch
         self.best_value, self.best_step, self.last_val_metrics = None, None, None
@@ -447,6 +460,9 @@ class Trainer:
         """Train to max_steps / epochs; returns a summary (steps, last losses, best, paths)."""
         monitor = _Monitor(self.run_dir, self.rank == 0, self.total_steps, self.global_step,
                            resumed=self._resumed)
+        if self.rank == 0 and self._train_flops is not None and self._peak_flops is None:
+            self._peak_flops, source = self._device_peak_flops()
+            monitor.text("train/mfu_peak", f"{self._peak_flops / 1e12:.4g} TFLOP/s per device ({source})")
         started = time.perf_counter()
         try:
             while self.global_step < self.total_steps:
@@ -476,14 +492,14 @@ class Trainer:
         if micro_batches == 0:
             self.epoch, self.epoch_samples = self.epoch + 1, 0
             return
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, samples on this rank
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, samples, model FLOPs on this rank
         step_start = time.perf_counter()
         for micro, batch in zip(range(micro_batches), self.train_loader):
             boundary = (micro + 1) % ga == 0
             lr = self.engine.get_lr()[0]
             outputs = self.engine(**self._model_inputs(batch))
-            totals += torch.tensor([outputs.loss.item(), _batch_tokens(batch), _batch_size(batch)],
-                                   dtype=torch.float64)
+            totals += torch.tensor([outputs.loss.item(), _batch_tokens(batch), _batch_size(batch),
+                                    self._batch_flops(batch)], dtype=torch.float64)
             if boundary:  # one all-reduce per step: every rank logs the same values and stops together
                 totals = reduce_across_ranks(totals)
                 loss = totals[0].item() / (ga * self.world_size)
@@ -501,6 +517,11 @@ class Trainer:
                       "train/samples_per_s": totals[2].item() / step_time}
             if grad_norm is not None:
                 logged["train/grad_norm"] = float(grad_norm)
+            if totals[3] > 0:
+                per_device = totals[3].item() / self.world_size / step_time  # model FLOP/s
+                logged["train/tflops"] = per_device / 1e12
+                if self._peak_flops:
+                    logged["train/mfu_percent"] = 100 * per_device / self._peak_flops
             self._after_step(monitor, logged, epoch_done=micro + 1 == micro_batches)
             if self.global_step >= self.total_steps:
                 return
@@ -529,6 +550,26 @@ class Trainer:
         device = self.engine.device
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()
                 if torch.is_tensor(v) and (self._takes_kwargs or k in self._forward_args)}
+
+    def _batch_flops(self, batch: Mapping) -> float:
+        if self._train_flops is None or not torch.is_tensor(batch.get("input_ids")):
+            return 0.0
+        return self._train_flops(**{k: v for k, v in batch.items() if torch.is_tensor(v)})
+
+    def _device_peak_flops(self) -> tuple[float, str]:
+        """(FLOP/s, its source): --peak_tflops, else flops.peak_flops for this device and precision
+        (recorded: an MFU is only as meaningful as the peak it divides by)."""
+        from . import flops
+
+        e = self.engine
+        precision = "fp16" if e.fp16_enabled() else "bf16" if e.bfloat16_enabled() else "fp32"
+        if self.args.peak_tflops > 0:
+            peak, source = self.args.peak_tflops * 1e12, "--peak_tflops"
+        else:
+            peak, source = flops.peak_flops(e.device, precision)
+        source = f"{source}, training in {precision}"
+        logger.info("MFU against %.4g TFLOP/s per device (%s)", peak / 1e12, source)
+        return peak, source
 
     def _plain_grad_norm(self) -> float | None:
         """Pre-clipping global grad norm where DeepSpeed reports none (fp32 without ZeRO: its

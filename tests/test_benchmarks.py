@@ -94,6 +94,11 @@ def test_train_step_cli(cli):
         assert torch.isfinite(torch.tensor(row["loss"]))
     assert ours["speed_vs_hf"] > 0 and ours["mem_vs_hf"] > 0
     assert hf["speed_vs_hf"] == pytest.approx(1.0)
+    assert "MFU %" in stdout
+    for run in result["runs"]:  # the same model FLOPs for both: their MFU ratio is their speed ratio
+        assert run["tflops"] * 1e12 * run["step_s"] == pytest.approx(result["runs"][0]["tflops"] * 1e12
+                                                                     * result["runs"][0]["step_s"], rel=1e-6)
+        assert 0 < run["mfu_percent"] < 100 and run["peak_source"].startswith("measured float32 matmul")
 
 
 def test_train_step_against_transformers_with_the_masked_only_head(cli):

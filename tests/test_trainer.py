@@ -24,7 +24,7 @@ from ds_longformer.trainer import (
     add_trainer_args,
     build_ds_config,
 )
-from tests.trainer_helpers import random_mlm_data, reap, spawn
+from tests.trainer_helpers import random_mlm_data, reap, spawn, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3_PARTITION_ALL = '{"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
@@ -180,6 +180,13 @@ def test_gradient_accumulation_equals_batch(parallel_runs):
     assert_params_close(params(parallel_runs / "accumulate"), params(parallel_runs / "single"))
 
 
+def test_mfu_against_a_measured_peak_on_cpu(parallel_runs):
+    """Without --peak_tflops on CPU the MFU divides by a measured matmul rate: a fraction of it."""
+    for run in ("single", "zero2"):
+        mfu = scalars(run_dir(parallel_runs / run), "train/mfu_percent")
+        assert sorted(mfu) == [1, 2, 3, 4] and all(0 < value < 100 for value in mfu.values()), mfu
+
+
 def test_zero3_export_loads_in_transformers(parallel_runs):
     import transformers
 
@@ -204,7 +211,7 @@ def test_other_world_size_says_how_to_convert(parallel_runs, tmp_path):
 
 # ---- kill and resume, monitoring ---------------------------------------------------------------------
 RESUME_FLAGS = ["--max_steps", "6", "--save_every_n_steps", "3", "--val_check_interval", "2", "--dropout", "0.1",
-                "--batch_size", "1", "--gradient_accumulation_steps", "2", "--n_train", "10"]
+                "--batch_size", "1", "--gradient_accumulation_steps", "2", "--n_train", "10", "--peak_tflops", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +256,14 @@ def test_tensorboard_metrics_jsonl_and_run_folder(resume_runs):
             "train/step_time", "train/rss_gb", "val/loss", "val/accuracy"} <= tags
     assert [e.step for e in acc.Scalars("val/loss")] == [2, 4, 6]
     assert scalars(folder, "train/tokens_per_s")[1] > 0
+    # Model FLOPs per step: the model's train_flops of its two micro batches of one sample.
+    sample = torch.utils.data.default_collate(random_mlm_data(1, 0))
+    step_flops = 2 * tiny_model().train_flops(**sample)
+    tflops, step_time = scalars(folder, "train/tflops")[1], scalars(folder, "train/step_time")[1]
+    assert tflops * 1e12 * step_time == pytest.approx(step_flops, rel=1e-5)
+    assert scalars(folder, "train/mfu_percent")[1] == pytest.approx(100 * tflops / 0.5, rel=1e-5)  # --peak_tflops 0.5
+    assert acc.Tensors("train/mfu_peak/text_summary")[0].tensor_proto.string_val[0].decode() == \
+        "0.5 TFLOP/s per device (--peak_tflops, training in fp32)"
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in rows] == [(2, 0), (4, 0), (6, 1)]  # 5 steps per epoch

@@ -26,22 +26,17 @@ import math
 
 import torch
 
+from .. import flops
 from .common import machine_description, matmul_rate, measure, print_table, run_worker, summarize_rounds
 
 MODULE = "ds_longformer.benchmarks.attention"
 
 
 def floor_flops(impl: str, n: int, window: int, n_global: int, hidden: int, heads: int, backward: bool) -> float:
-    """FLOPs the work needs at least: projections (not for 'core') + band + global rows/columns."""
-    w = window // 2  # (query, key) pairs of the band: 2w + 1 per query, fewer within w of either end
-    pairs = n * (2 * w + 1) - w * (w + 1) if w < n else n * n
-    flops = 4 * pairs * hidden  # q.k and p.v over the band, all heads
-    flops += 4 * n * n_global * hidden  # local queries against the global keys
-    if impl != "core":
-        flops += 3 * 2 * n * hidden * hidden  # local q, k, v projections
-        flops += 2 * n_global * hidden * hidden  # global queries
-        flops += 2 * 2 * n_global * n * hidden + 4 * n_global * n * hidden  # global rows, keys folded in
-    return flops * (3 if backward else 1)  # backward ~ twice the forward
+    """FLOPs the work needs at least (flops.self_attention_flops): the band and the global rows and
+    columns, plus the projections except for 'core'; backward ~ twice the forward."""
+    forward = flops.self_attention_flops(n, window, n_global, hidden, heads, projections=impl != "core")
+    return forward * (3 if backward else 1)
 
 
 def build(spec: dict):
@@ -169,8 +164,8 @@ def main(argv=None):
                             row[f"{mode}_ms"] = res[mode]["time_s"] * 1e3
                             row[f"{mode}_mib"] = res[mode]["peak_mib"]
                         if "forward_backward_ms" in row:
-                            flops = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
-                            row["x_floor"] = row["forward_backward_ms"] / 1e3 / (flops / rate)
+                            work = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
+                            row["x_floor"] = row["forward_backward_ms"] / 1e3 / (work / rate)
                             row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
                         runs.append(row)
                         save(partial=True)

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .. import flops
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 try:
@@ -117,17 +118,11 @@ def measure(fn, device: str, repeats: int) -> dict:
     return {"time_s": statistics.median(times), "times_s": times, "peak_mib": max(peak, 0) / 2**20}
 
 
-def matmul_rate(device: str, dtype: torch.dtype, n: int = 4096, c: int = 768, repeats: int = 5) -> float:
-    """Measured FLOP/s of an (n x c) @ (c x c) matmul, the shape of a projection."""
-    a = torch.randn(n, c, device=device, dtype=dtype)
-    w = torch.randn(c, c, device=device, dtype=dtype)
-    calls = 50 if device == "cuda" else 1  # one GPU matmul (~10 us) would mostly time the launch and sync
-
-    def matmuls():
-        for _ in range(calls):
-            a @ w
-
-    return calls * 2 * n * c * c / measure(matmuls, device, repeats)["time_s"]
+def matmul_rate(device: str, dtype: torch.dtype, c: int = 768) -> float:
+    """Measured FLOP/s of a projection-shaped matmul (flops.matmul_rate) on the benchmarks' clock
+    and malloc settings, for the floors the models are compared with."""
+    malloc_for("time")
+    return flops.matmul_rate(device, dtype, c=c, clock=lambda fn: timed(fn, device)[0])
 
 
 def run_worker(module: str, spec: dict, threads: int, timeout: float = 900) -> dict:

@@ -31,6 +31,11 @@ memory before the model was built (peak RSS on CPU, under the malloc settings of
 common.malloc_for; torch.cuda.max_memory_allocated on CUDA), so it counts weights, gradients,
 optimizer state and activations; "act" is the part above the state kept between steps (weights and
 optimizer state): the activations and the step's gradients.
+TFLOP/s and MFU: the model FLOPs of the step (flops.py: the MLM loss's math, the head on the
+masked positions, counted alike for every model, so their ratios are the speed ratios) per second,
+and that as a share of the device's peak (flops.peak_flops: a known GPU's datasheet figure; on CPU
+a matmul rate measured in the worker, so there "MFU" is against what a projection-shaped matmul
+reaches, not a datasheet peak).
 --rounds repeats every worker, interleaved ours/hf, and the table gives medians over rounds.
 
 Defaults (CPU / CUDA): --layers 2 / 12, --precisions fp32 (+ bf16 where the CPU has native bf16:
@@ -110,6 +115,14 @@ class MaskedPositionsHead(torch.nn.Module):
         scored = labels != -100
         logits = self.mlm.lm_head(hidden[scored])
         return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), labels[scored]))
+
+
+def step_flops(spec: dict, batch: dict) -> float:
+    """Model FLOPs of one train step (flops.py): the MLM loss's math with the head on the masked
+    positions, counted alike for every impl, so MFU ratios are speed ratios."""
+    with torch.device("meta"):  # the count reads the config only: no weights
+        model = build_model(dict(spec, impl="ours", checkpointing=False))
+    return model.train_flops(**batch)
 
 
 def make_batch(spec: dict, seq_len: int, device) -> dict:
@@ -213,8 +226,13 @@ def worker(spec: dict):
     result.update(loss=statistics.median(losses), peak_mib=peak / 2**20, steady_mib=steady / 2**20,
                   act_mib=(peak - steady) / 2**20)
     if times:
+        from ds_longformer import flops
+
         step_s = statistics.median(times)
-        result.update(step_s=step_s, times_s=times, tokens_per_s=spec["batch"] * n / step_s)
+        achieved = step_flops(spec, batch) / step_s
+        peak, peak_source = flops.peak_flops(device, spec["precision"])
+        result.update(step_s=step_s, times_s=times, tokens_per_s=spec["batch"] * n / step_s,
+                      tflops=achieved / 1e12, mfu_percent=100 * achieved / peak, peak_source=peak_source)
     if budget:
         result["fits"] = peak <= budget
     print(json.dumps(result))
@@ -325,7 +343,7 @@ def main(argv=None):
                     save()  # a run stopped midway keeps what it measured
     ok = [r for r in runs if "error" not in r]
     rows[:] = summarize_rounds(ok, group_by=("impl", "precision", "ckpt"),
-                               fields=("step_s", "tokens_per_s", "peak_mib", "act_mib", "loss"),
+                               fields=("step_s", "tokens_per_s", "tflops", "mfu_percent", "peak_mib", "act_mib", "loss"),
                                speed="tokens_per_s", faster="higher", memory="peak_mib")
     if "hf_masked" in args.impls:  # the same ratios against transformers' model with the masked-only head
         masked = summarize_rounds(ok, group_by=("impl", "precision", "ckpt"), fields=(), speed="tokens_per_s",
@@ -336,6 +354,7 @@ def main(argv=None):
     rows += [r for r in runs if "error" in r]
     print_table(rows, [("impl", "model", "s"), ("precision", "precision", "s"), ("ckpt", "ckpt", "s"),
                        ("seq_len", "N", "d"), ("step_s", "step s", ".2f"), ("tokens_per_s", "tokens/s", ".0f"),
+                       ("tflops", "TFLOP/s", ".3g"), ("mfu_percent", "MFU %", ".1f"),
                        ("peak_mib", "peak MiB", ".0f"), ("act_mib", "act MiB", ".0f"), ("loss", "loss", ".3f"),
                        ("speed_vs_hf", "speed vs hf", ".2f"), ("speed_range", "per round", "s"),
                        ("mem_vs_hf", "mem vs hf", ".2f")]
