@@ -14,9 +14,10 @@ import time
 import torch
 
 # Dense (no sparsity) peak TFLOP/s of known GPUs by the precision matmuls run in; the first name
-# found in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
+# found in torch.cuda.get_device_name() wins, so the PCIe and NVL H100s come before the SXM one.
 PEAK_TFLOPS = {
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},

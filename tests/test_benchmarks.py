@@ -76,6 +76,12 @@ def test_attention_cli(cli):
               for hf, ours in zip(result["runs"][::2], result["runs"][1::2])]
     assert blocked["speed_vs_hf"] == pytest.approx(sum(ratios) / 2)  # the median of two per-round ratios
     assert blocked["speed_range"] == f"{min(ratios):.2f}-{max(ratios):.2f}" and "mem_vs_hf" in blocked
+    from ds_longformer.benchmarks.attention import floor_flops
+
+    for run in result["runs"]:  # each floor from the matmul rate its own worker measured
+        work = floor_flops(run["impl"], run["seq_len"], run["window"], run["globals"], 32, 2, True)
+        assert run["matmul_gflops"] > 0.1
+        assert run["x_floor"] == pytest.approx(run["forward_backward_ms"] / 1e3 / (work / (run["matmul_gflops"] * 1e9)))
 
 
 def test_train_step_cli(cli):

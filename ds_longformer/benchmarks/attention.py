@@ -12,7 +12,8 @@ Implementations (each measured in its own process, same weights and inputs):
   core     our blocked band attention alone, given q/k/v: shows the linear cost in N and window
 
 For each: forward time, forward+backward time, peak extra memory of forward+backward, and the
-time as a multiple of the floor = (banded multiply-adds of the same work) / (measured matmul rate).
+time as a multiple of the floor = (model FLOPs of the same work, flops.py) / (matmul rate measured
+in the same worker right after its timings).
 Ratios against hf are taken within each round (--rounds repeats every measurement, interleaving the
 implementations); the table gives medians over rounds and the range of the per-round speed ratios.
 Prints a table and writes JSON (--json): the summary rows and every round's runs.
@@ -101,6 +102,9 @@ def worker(spec: dict):
         result["forward"] = measure(forward, spec["device"], spec["repeats"])
     else:
         result["forward_backward"] = measure(forward_backward, spec["device"], spec["repeats"])
+        # The floor's rate from the same process, right after: a shared machine drifts by tens of
+        # percent over a run, so a rate measured once at the start would skew later workers' floors.
+        result["matmul_flops"] = matmul_rate(spec["device"], getattr(torch, spec["dtype"]), c=spec["hidden"])
     print(json.dumps(result))
 
 
@@ -132,7 +136,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)  # the floor's matmul rate with the workers' thread count
     rate = matmul_rate(args.device, getattr(torch, args.dtype), c=args.hidden)
     print(f"# {machine_description(args.device, args.threads)}; {args.dtype}; batch {args.batch}, "
-          f"{args.heads} heads of {args.hidden // args.heads}; matmul {rate / 1e9:.1f} GFLOP/s")
+          f"{args.heads} heads of {args.hidden // args.heads}; matmul {rate / 1e9:.1f} GFLOP/s at start (each "
+          "forward+backward worker measures it again for its floor)")
     # Rounds repeat every measurement, interleaving the implementations, so that each ratio
     # compares workers that ran seconds apart; the table gives medians over rounds.
     runs = []
@@ -163,9 +168,11 @@ def main(argv=None):
                                 continue
                             row[f"{mode}_ms"] = res[mode]["time_s"] * 1e3
                             row[f"{mode}_mib"] = res[mode]["peak_mib"]
+                            if "matmul_flops" in res:  # the forward+backward worker's
+                                row["matmul_gflops"] = res["matmul_flops"] / 1e9
                         if "forward_backward_ms" in row:
                             work = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
-                            row["x_floor"] = row["forward_backward_ms"] / 1e3 / (work / rate)
+                            row["x_floor"] = row["forward_backward_ms"] / 1e3 / (work / (row["matmul_gflops"] * 1e9))
                             row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
                         runs.append(row)
                         save(partial=True)
