@@ -4,7 +4,7 @@
     python -m ds_longformer.benchmarks.attention --seq_lens 4096 --windows 256 512 1024
     python -m ds_longformer.benchmarks.attention --device cuda --impls hf blocked flex --seq_lens 4096 32768
 
-Implementations (each measured in its own process, same weights and inputs):
+Implementations (same weights and inputs):
   hf       transformers' LongformerSelfAttention (projections + attention)
   blocked  our module, backend "blocked" (projections + attention)
   dense    our module, backend "dense" (O(N^2) reference; only up to --dense_max_len)
@@ -12,8 +12,12 @@ Implementations (each measured in its own process, same weights and inputs):
   core     our blocked band attention alone, given q/k/v: shows the linear cost in N and window
 
 For each: forward time, forward+backward time, peak extra memory of forward+backward, and the
-time as a multiple of the floor = (model FLOPs of the same work, flops.py) / (matmul rate measured
-in the same worker right after its timings).
+time as a multiple of the floor = (model FLOPs of the same work, flops.py) / (measured matmul rate).
+Forward time and memory are measured in a fresh process per implementation (on CPU also the
+forward+backward memory: RSS cannot be told apart within one process). forward+backward times come
+from one process per configuration that runs every implementation in turns, --repeats turns, each
+turn also timing a projection-shaped matmul for the floor: on a shared machine whose speed drifts by
+tens of percent over minutes, the ratios then compare calls seconds apart.
 Ratios against hf are taken within each round (--rounds repeats every measurement, interleaving the
 implementations); the table gives medians over rounds and the range of the per-round speed ratios.
 Prints a table and writes JSON (--json): the summary rows and every round's runs.
@@ -24,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 
 import torch
 
 from .. import flops
-from .common import machine_description, matmul_rate, measure, print_table, run_worker, summarize_rounds
+from .common import (machine_description, malloc_for, matmul_rate, measure, print_table, run_worker,
+                     summarize_rounds, timed)
 
 MODULE = "ds_longformer.benchmarks.attention"
 
@@ -96,16 +102,86 @@ def build(spec: dict):
 
 def worker(spec: dict):
     torch.set_num_threads(spec["threads"])
-    forward, forward_backward = build(spec)
     result = dict(spec)
-    if spec["mode"] == "forward":
-        result["forward"] = measure(forward, spec["device"], spec["repeats"])
-    else:
-        result["forward_backward"] = measure(forward_backward, spec["device"], spec["repeats"])
-        # The floor's rate from the same process, right after: a shared machine drifts by tens of
-        # percent over a run, so a rate measured once at the start would skew later workers' floors.
-        result["matmul_flops"] = matmul_rate(spec["device"], getattr(torch, spec["dtype"]), c=spec["hidden"])
+    if spec["mode"] == "paired":
+        result.update(paired_timings(spec))
+    else:  # "forward": memory and time; "memory": forward+backward memory only (CPU; timed in pairs)
+        forward, forward_backward = build(spec)
+        fn, repeats = (forward, spec["repeats"]) if spec["mode"] == "forward" else (forward_backward, 0)
+        result[spec["mode"]] = measure(fn, spec["device"], repeats)
     print(json.dumps(result))
+
+
+def paired_timings(spec: dict) -> dict:
+    """forward+backward of every impl of one configuration in one process, timed in turns, each turn
+    also timing a projection-shaped matmul: the speed ratios and floors then compare measurements
+    seconds apart (a shared machine drifts by tens of percent between workers minutes apart).
+    On CUDA also each impl's peak extra memory (allocated bytes; on CPU RSS needs its own process)."""
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    calls = {impl: build(dict(spec, impl=impl))[1] for impl in spec["impls"]}
+    out = {"times_s": {impl: [] for impl in calls}, "matmul_flops": []}
+    if device == "cuda":
+        out["peak_mib"] = {}
+        for impl, fn in calls.items():
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            out["peak_mib"][impl] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    malloc_for("time")
+    for fn in calls.values():  # warm-up (and flex's compilation) untimed
+        fn()
+    order = list(calls)
+    for turn in range(spec["repeats"]):
+        for impl in order[turn % len(order):] + order[: turn % len(order)]:  # rotate who goes first
+            out["times_s"][impl].append(timed(calls[impl], device)[0])
+        out["matmul_flops"].append(matmul_rate(device, dtype, c=spec["hidden"], repeats=1))
+    return out
+
+
+def measure_config(args, config: dict, impls: list[str]) -> list[dict]:
+    """One row per impl for one configuration and round: forward time and memory, forward+backward
+    memory (own workers), forward+backward time and floor (one paired worker for all impls)."""
+    rows = {impl: dict(impl=impl, **config) for impl in impls}
+    common = dict(config, device=args.device, dtype=args.dtype, batch=args.batch, hidden=args.hidden,
+                  heads=args.heads, block=args.block, threads=args.threads, repeats=args.repeats)
+    on_cpu = args.device == "cpu"
+    for impl, row in rows.items():
+        for mode in ("forward", "memory") if on_cpu else ("forward",):
+            res = run_worker(MODULE, dict(common, impl=impl, mode=mode), args.threads)
+            if "error" in res:
+                row[f"{mode}_error"] = res["error"]
+            elif mode == "forward":
+                row["forward_ms"], row["forward_mib"] = res["forward"]["time_s"] * 1e3, res["forward"]["peak_mib"]
+            else:
+                row["forward_backward_mib"] = res["memory"]["peak_mib"]
+    # flex on CPU is forward only; an impl whose forward+backward did not fit is left out of the pairs
+    paired = [i for i in impls if not (i == "flex" and on_cpu) and "memory_error" not in rows[i]]
+    res = run_worker(MODULE, dict(common, impls=paired, mode="paired"), args.threads) if paired else {}
+    for impl in paired:
+        row = rows[impl]
+        if "error" in res:
+            row["forward_backward_error"] = res["error"]
+            continue
+        times, rates = res["times_s"][impl], res["matmul_flops"]
+        work = floor_flops(impl, config["seq_len"], config["window"], config["globals"], args.hidden, args.heads,
+                           True) * args.batch
+        row.update(forward_backward_ms=statistics.median(times) * 1e3, turn_ms=[t * 1e3 for t in times],
+                   matmul_gflops=statistics.median(rates) / 1e9, turn_matmul_gflops=[r / 1e9 for r in rates],
+                   x_floor=statistics.median(t / (work / r) for t, r in zip(times, rates)),
+                   us_per_token=statistics.median(times) * 1e6 / (config["seq_len"] * args.batch))
+        if "peak_mib" in res:
+            row["forward_backward_mib"] = res["peak_mib"][impl]
+    for impl, row in rows.items():
+        times = ", ".join(f"{label} {row[f'{mode}_ms']:.1f} ms" for mode, label in
+                          (("forward", "forward"), ("forward_backward", "forward+backward")) if f"{mode}_ms" in row)
+        memory = f", peak {row['forward_backward_mib']:.0f} MiB" if "forward_backward_mib" in row else ""
+        errors = "; ".join(row[k] for k in ("forward_error", "memory_error", "forward_backward_error") if k in row)
+        print(f"  round {config['round'] + 1}/{args.rounds}: {impl:8s} N={config['seq_len']:6d} "
+              f"window={config['window']} globals={config['globals']}: {times}{memory}"
+              f"{'; ' + errors if errors else ''}", flush=True)
+    return list(rows.values())
 
 
 def main(argv=None):
@@ -152,35 +228,10 @@ def main(argv=None):
         for window in args.windows:
             for n_global in args.globals:
                 for n in args.seq_lens:
-                    for impl in args.impls:
-                        if impl == "dense" and n > args.dense_max_len:
-                            continue
-                        row = dict(impl=impl, seq_len=n, window=window, globals=n_global, round=round_)
-                        for mode in ("forward", "forward_backward"):
-                            if impl == "flex" and args.device == "cpu" and mode == "forward_backward":
-                                continue
-                            spec = dict(row, mode=mode, device=args.device, dtype=args.dtype, batch=args.batch,
-                                        hidden=args.hidden, heads=args.heads, block=args.block,
-                                        threads=args.threads, repeats=args.repeats)
-                            res = run_worker(MODULE, spec, args.threads)
-                            if "error" in res:
-                                row[f"{mode}_error"] = res["error"]
-                                continue
-                            row[f"{mode}_ms"] = res[mode]["time_s"] * 1e3
-                            row[f"{mode}_mib"] = res[mode]["peak_mib"]
-                            if "matmul_flops" in res:  # the forward+backward worker's
-                                row["matmul_gflops"] = res["matmul_flops"] / 1e9
-                        if "forward_backward_ms" in row:
-                            work = floor_flops(impl, n, window, n_global, args.hidden, args.heads, True) * args.batch
-                            row["x_floor"] = row["forward_backward_ms"] / 1e3 / (work / (row["matmul_gflops"] * 1e9))
-                            row["us_per_token"] = row["forward_backward_ms"] * 1e3 / (n * args.batch)
-                        runs.append(row)
-                        save(partial=True)
-                        times = ", ".join(f"{mode.replace('_', '+')} {row[f'{mode}_ms']:.1f} ms "
-                                          f"{row[f'{mode}_mib']:.0f} MiB"
-                                          for mode in ("forward", "forward_backward") if f"{mode}_ms" in row)
-                        print(f"  round {round_ + 1}/{args.rounds}: {impl:8s} N={n:6d} window={window} "
-                              f"globals={n_global}: {times or 'failed'}", flush=True)
+                    impls = [i for i in args.impls if not (i == "dense" and n > args.dense_max_len)]
+                    config = dict(seq_len=n, window=window, globals=n_global, round=round_)
+                    runs += measure_config(args, config, impls)
+                    save(partial=True)
     rows = summarize_rounds(runs, group_by=("impl", "seq_len", "window", "globals"),
                             fields=("forward_ms", "forward_backward_ms", "forward_mib", "forward_backward_mib",
                                     "x_floor", "us_per_token"),

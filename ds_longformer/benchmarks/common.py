@@ -104,7 +104,7 @@ def timed(fn, device: str):
 
 def measure(fn, device: str, repeats: int) -> dict:
     """Peak extra memory of the first call, then the median time of `repeats` more calls (after
-    one untimed call under the timing malloc settings)."""
+    one untimed call under the timing malloc settings); repeats=0: memory only."""
     malloc_for("memory")
     memory = PeakMemory(device)
     memory.reset_peak()
@@ -112,17 +112,20 @@ def measure(fn, device: str, repeats: int) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     peak = memory.peak() - memory.base
-    malloc_for("time")
-    fn()
-    times = [timed(fn, device)[0] for _ in range(repeats)]
-    return {"time_s": statistics.median(times), "times_s": times, "peak_mib": max(peak, 0) / 2**20}
+    result = {"peak_mib": max(peak, 0) / 2**20}
+    if repeats:
+        malloc_for("time")
+        fn()
+        times = [timed(fn, device)[0] for _ in range(repeats)]
+        result.update(time_s=statistics.median(times), times_s=times)
+    return result
 
 
-def matmul_rate(device: str, dtype: torch.dtype, c: int = 768) -> float:
+def matmul_rate(device: str, dtype: torch.dtype, c: int = 768, repeats: int = 5) -> float:
     """Measured FLOP/s of a projection-shaped matmul (flops.matmul_rate) on the benchmarks' clock
     and malloc settings, for the floors the models are compared with."""
     malloc_for("time")
-    return flops.matmul_rate(device, dtype, c=c, clock=lambda fn: timed(fn, device)[0])
+    return flops.matmul_rate(device, dtype, c=c, repeats=repeats, clock=lambda fn: timed(fn, device)[0])
 
 
 def run_worker(module: str, spec: dict, threads: int, timeout: float = 900) -> dict:
