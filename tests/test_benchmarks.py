@@ -23,7 +23,7 @@ TINY_MODEL = [*TINY, "--layers", "1", "--intermediate", "64", "--vocab", "100", 
 
 # Independent CLI runs, all started at once by the `cli` fixture: name -> (benchmark, flags).
 RUNS = {
-    "attention": ("attention", [*TINY, "--seq_lens", "64", "--windows", "16", "--impls", "hf", "blocked",
+    "attention": ("attention", [*TINY, "--seq_lens", "64", "--windows", "16", "32", "--impls", "hf", "blocked",
                                 "--repeats", "3", "--rounds", "2"]),
     "train_step": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "on", "--steps", "1",
                                   "--warmup", "1", "--warmup_len", "32", "--rounds", "2"]),
@@ -63,31 +63,37 @@ def cli(tmp_path_factory):
 
 
 def test_attention_cli(cli):
+    from ds_longformer.benchmarks.attention import floor_flops
+
     returncode, stdout, stderr, result = cli("attention")
     assert returncode == 0, stderr[-3000:]
     assert "fwd+bwd ms" in stdout
-    assert [(r["impl"], r["round"]) for r in result["runs"]] == [("hf", 0), ("blocked", 0), ("hf", 1),
-                                                                  ("blocked", 1)]
+    runs = result["runs"]
+    assert [(r["impl"], r["window"], r["round"]) for r in runs] == [
+        (impl, window, round_) for round_ in (0, 1) for window in (16, 32) for impl in ("hf", "blocked")]
     rows = result["rows"]
-    assert [(r["impl"], r["rounds"]) for r in rows] == [("hf", 2), ("blocked", 2)]
+    assert [(r["impl"], r["window"], r["rounds"]) for r in rows] == [("hf", 16, 2), ("blocked", 16, 2),
+                                                                     ("hf", 32, 2), ("blocked", 32, 2)]
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
-    blocked, runs = rows[1], [r for r in result["runs"] if r["impl"] == "blocked"]
-    assert blocked["forward_backward_ms"] == pytest.approx(sum(r["forward_backward_ms"] for r in runs) / 2)
+    blocked = rows[1]
+    blocked_runs = [r for r in runs if r["impl"] == "blocked" and r["window"] == 16]
+    assert blocked["forward_backward_ms"] == pytest.approx(sum(r["forward_backward_ms"] for r in blocked_runs) / 2)
     ratios = [hf["forward_backward_ms"] / ours["forward_backward_ms"]
-              for hf, ours in zip(result["runs"][::2], result["runs"][1::2])]
+              for hf, ours in zip(runs[0::4], runs[1::4])]  # window 16, rounds 0 and 1
     assert blocked["speed_vs_hf"] == pytest.approx(sum(ratios) / 2)  # the median of two per-round ratios
     assert blocked["speed_range"] == f"{min(ratios):.2f}-{max(ratios):.2f}" and "mem_vs_hf" in blocked
-    from ds_longformer.benchmarks.attention import floor_flops
 
-    for run in result["runs"]:  # forward+backward timed in turns, each turn's floor from its own matmul
+    for run in runs:  # forward+backward timed in turns, each turn's floor from its own matmul
         work = floor_flops(run["impl"], run["seq_len"], run["window"], run["globals"], 32, 2, True)
         turns = list(zip(run["turn_ms"], run["turn_matmul_gflops"]))
         assert len(turns) == 3 and all(rate > 0.1 for _, rate in turns)
         assert run["forward_backward_ms"] == pytest.approx(statistics.median(run["turn_ms"]))
         assert run["x_floor"] == pytest.approx(statistics.median(ms / 1e3 / (work / (rate * 1e9)) for ms, rate in turns))
         assert run["forward_backward_mib"] > 0 and run["forward_ms"] > 0
-    hf_turns = [r["turn_matmul_gflops"] for r in result["runs"] if r["impl"] == "hf"]
-    assert hf_turns == [r["turn_matmul_gflops"] for r in result["runs"] if r["impl"] == "blocked"]  # one process
+    for round_ in (0, 1):  # both windows and both impls of a round were timed in one process, in turns
+        turns = [r["turn_matmul_gflops"] for r in runs if r["round"] == round_]
+        assert all(t == turns[0] for t in turns)
+    assert runs[0]["turn_matmul_gflops"] != runs[4]["turn_matmul_gflops"]  # another round, another process
 
 
 def test_train_step_cli(cli):

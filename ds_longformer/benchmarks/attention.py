@@ -13,11 +13,12 @@ Implementations (same weights and inputs):
 
 For each: forward time, forward+backward time, peak extra memory of forward+backward, and the
 time as a multiple of the floor = (model FLOPs of the same work, flops.py) / (measured matmul rate).
-Forward time and memory are measured in a fresh process per implementation (on CPU also the
+Forward time and memory are measured in a fresh process per configuration (on CPU also the
 forward+backward memory: RSS cannot be told apart within one process). forward+backward times come
-from one process per configuration that runs every implementation in turns, --repeats turns, each
-turn also timing a projection-shaped matmul for the floor: on a shared machine whose speed drifts by
-tens of percent over minutes, the ratios then compare calls seconds apart.
+from one process per sequence length that runs every (implementation, window, globals) in turns,
+--repeats turns, each turn also timing a projection-shaped matmul for the floor: on a shared
+machine whose speed drifts by tens of percent over minutes, the speed and window ratios then
+compare calls seconds apart.
 Ratios against hf are taken within each round (--rounds repeats every measurement, interleaving the
 implementations); the table gives medians over rounds and the range of the per-round speed ratios.
 Prints a table and writes JSON (--json): the summary rows and every round's runs.
@@ -113,74 +114,76 @@ def worker(spec: dict):
 
 
 def paired_timings(spec: dict) -> dict:
-    """forward+backward of every impl of one configuration in one process, timed in turns, each turn
-    also timing a projection-shaped matmul: the speed ratios and floors then compare measurements
-    seconds apart (a shared machine drifts by tens of percent between workers minutes apart).
-    On CUDA also each impl's peak extra memory (allocated bytes; on CPU RSS needs its own process)."""
+    """forward+backward of every (impl, window, globals) of spec["items"] at one length in one
+    process, timed in turns, each turn also timing a projection-shaped matmul: speed ratios, window
+    ratios and floors then compare calls seconds apart (a shared machine drifts by tens of percent
+    between workers minutes apart). On CUDA also each item's peak extra memory (allocated bytes;
+    on CPU RSS needs a process of its own)."""
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
-    calls = {impl: build(dict(spec, impl=impl))[1] for impl in spec["impls"]}
-    out = {"times_s": {impl: [] for impl in calls}, "matmul_flops": []}
+    calls = [build(dict(spec, impl=impl, window=window, globals=n_global))[1] for impl, window, n_global in spec["items"]]
+    out = {"times_s": [[] for _ in calls], "matmul_flops": []}
     if device == "cuda":
-        out["peak_mib"] = {}
-        for impl, fn in calls.items():
+        out["peak_mib"] = []
+        for fn in calls:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             fn()
             torch.cuda.synchronize()
-            out["peak_mib"][impl] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            out["peak_mib"].append((torch.cuda.max_memory_allocated() - base) / 2**20)
     malloc_for("time")
-    for fn in calls.values():  # warm-up (and flex's compilation) untimed
+    for fn in calls:  # warm-up (and flex's compilation) untimed
         fn()
-    order = list(calls)
     for turn in range(spec["repeats"]):
-        for impl in order[turn % len(order):] + order[: turn % len(order)]:  # rotate who goes first
-            out["times_s"][impl].append(timed(calls[impl], device)[0])
+        first = turn % len(calls)  # rotate who goes first
+        for i in list(range(first, len(calls))) + list(range(first)):
+            out["times_s"][i].append(timed(calls[i], device)[0])
         out["matmul_flops"].append(matmul_rate(device, dtype, c=spec["hidden"], repeats=1))
     return out
 
 
-def measure_config(args, config: dict, impls: list[str]) -> list[dict]:
-    """One row per impl for one configuration and round: forward time and memory, forward+backward
-    memory (own workers), forward+backward time and floor (one paired worker for all impls)."""
-    rows = {impl: dict(impl=impl, **config) for impl in impls}
-    common = dict(config, device=args.device, dtype=args.dtype, batch=args.batch, hidden=args.hidden,
+def measure_length(args, n: int, round_: int) -> list[dict]:
+    """One row per (window, globals, impl) at length n in one round: forward time and memory,
+    forward+backward memory (a fresh worker each), forward+backward time and floor (one paired
+    worker for them all)."""
+    impls = [i for i in args.impls if not (i == "dense" and n > args.dense_max_len)]
+    keys = [(impl, window, g) for window in args.windows for g in args.globals for impl in impls]
+    rows = {key: dict(impl=key[0], seq_len=n, window=key[1], globals=key[2], round=round_) for key in keys}
+    common = dict(seq_len=n, device=args.device, dtype=args.dtype, batch=args.batch, hidden=args.hidden,
                   heads=args.heads, block=args.block, threads=args.threads, repeats=args.repeats)
     on_cpu = args.device == "cpu"
-    for impl, row in rows.items():
+    for (impl, window, g), row in rows.items():
         for mode in ("forward", "memory") if on_cpu else ("forward",):
-            res = run_worker(MODULE, dict(common, impl=impl, mode=mode), args.threads)
+            res = run_worker(MODULE, dict(common, impl=impl, window=window, globals=g, mode=mode), args.threads)
             if "error" in res:
                 row[f"{mode}_error"] = res["error"]
             elif mode == "forward":
                 row["forward_ms"], row["forward_mib"] = res["forward"]["time_s"] * 1e3, res["forward"]["peak_mib"]
             else:
                 row["forward_backward_mib"] = res["memory"]["peak_mib"]
-    # flex on CPU is forward only; an impl whose forward+backward did not fit is left out of the pairs
-    paired = [i for i in impls if not (i == "flex" and on_cpu) and "memory_error" not in rows[i]]
-    res = run_worker(MODULE, dict(common, impls=paired, mode="paired"), args.threads) if paired else {}
-    for impl in paired:
-        row = rows[impl]
+    # flex on CPU is forward only; what did not fit forward+backward is left out of the pairs
+    paired = [key for key in keys if not (key[0] == "flex" and on_cpu) and "memory_error" not in rows[key]]
+    res = run_worker(MODULE, dict(common, items=paired, mode="paired"), args.threads) if paired else {}
+    for i, (impl, window, g) in enumerate(paired):
+        row = rows[impl, window, g]
         if "error" in res:
             row["forward_backward_error"] = res["error"]
             continue
-        times, rates = res["times_s"][impl], res["matmul_flops"]
-        work = floor_flops(impl, config["seq_len"], config["window"], config["globals"], args.hidden, args.heads,
-                           True) * args.batch
+        times, rates = res["times_s"][i], res["matmul_flops"]
+        work = floor_flops(impl, n, window, g, args.hidden, args.heads, True) * args.batch
         row.update(forward_backward_ms=statistics.median(times) * 1e3, turn_ms=[t * 1e3 for t in times],
                    matmul_gflops=statistics.median(rates) / 1e9, turn_matmul_gflops=[r / 1e9 for r in rates],
                    x_floor=statistics.median(t / (work / r) for t, r in zip(times, rates)),
-                   us_per_token=statistics.median(times) * 1e6 / (config["seq_len"] * args.batch))
+                   us_per_token=statistics.median(times) * 1e6 / (n * args.batch))
         if "peak_mib" in res:
-            row["forward_backward_mib"] = res["peak_mib"][impl]
-    for impl, row in rows.items():
+            row["forward_backward_mib"] = res["peak_mib"][i]
+    for row in rows.values():
         times = ", ".join(f"{label} {row[f'{mode}_ms']:.1f} ms" for mode, label in
                           (("forward", "forward"), ("forward_backward", "forward+backward")) if f"{mode}_ms" in row)
         memory = f", peak {row['forward_backward_mib']:.0f} MiB" if "forward_backward_mib" in row else ""
         errors = "; ".join(row[k] for k in ("forward_error", "memory_error", "forward_backward_error") if k in row)
-        print(f"  round {config['round'] + 1}/{args.rounds}: {impl:8s} N={config['seq_len']:6d} "
-              f"window={config['window']} globals={config['globals']}: {times}{memory}"
-              f"{'; ' + errors if errors else ''}", flush=True)
+        print(f"  round {round_ + 1}/{args.rounds}: {row['impl']:8s} N={n:6d} window={row['window']} "
+              f"globals={row['globals']}: {times}{memory}{'; ' + errors if errors else ''}", flush=True)
     return list(rows.values())
 
 
@@ -209,29 +212,21 @@ def main(argv=None):
     if args.worker:
         return worker(json.loads(args.worker))
 
-    torch.set_num_threads(args.threads)  # the floor's matmul rate with the workers' thread count
-    rate = matmul_rate(args.device, getattr(torch, args.dtype), c=args.hidden)
     print(f"# {machine_description(args.device, args.threads)}; {args.dtype}; batch {args.batch}, "
-          f"{args.heads} heads of {args.hidden // args.heads}; matmul {rate / 1e9:.1f} GFLOP/s at start (each "
-          "forward+backward worker measures it again for its floor)")
-    # Rounds repeat every measurement, interleaving the implementations, so that each ratio
-    # compares workers that ran seconds apart; the table gives medians over rounds.
+          f"{args.heads} heads of {args.hidden // args.heads}; forward+backward: median of {args.repeats} turns")
+    # Rounds repeat every measurement; the table gives medians over rounds.
     runs = []
 
-    def save(**summary):  # after every worker too: a run stopped by a time limit keeps what it measured
+    def save(**summary):  # after every length too: a run stopped by a time limit keeps what it measured
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_description(args.device, args.threads), "matmul_flops": rate,
+            json.dump({"machine": machine_description(args.device, args.threads),
                        "args": {k: v for k, v in vars(args).items() if k != "worker"}, **summary, "runs": runs},
                       f, indent=2)
 
     for round_ in range(args.rounds):
-        for window in args.windows:
-            for n_global in args.globals:
-                for n in args.seq_lens:
-                    impls = [i for i in args.impls if not (i == "dense" and n > args.dense_max_len)]
-                    config = dict(seq_len=n, window=window, globals=n_global, round=round_)
-                    runs += measure_config(args, config, impls)
-                    save(partial=True)
+        for n in args.seq_lens:
+            runs += measure_length(args, n, round_)
+            save(partial=True)
     rows = summarize_rounds(runs, group_by=("impl", "seq_len", "window", "globals"),
                             fields=("forward_ms", "forward_backward_ms", "forward_mib", "forward_backward_mib",
                                     "x_floor", "us_per_token"),
