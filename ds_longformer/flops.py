@@ -68,8 +68,6 @@ def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
             if gpu in name:
                 return peaks[key] * 1e12, f"{name} {key} dense peak"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
     rate = matmul_rate(device, dtype)
     return rate, f"measured {str(dtype).removeprefix('torch.')} matmul rate on {device.type}"
 

@@ -197,15 +197,13 @@ class LongformerPreTrainedModel(nn.Module):
         """Model FLOPs of one training step (forward + backward) on this batch, as `flops.py`
         counts them: the trainer's TFLOP/s and MFU. Reads only the masks' counts (no forward)."""
         c, N = self.config, input_ids.shape[1]
-        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
-        is_global = attention_mask == 2 if attention_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        if global_attention_mask is not None:
-            is_global = is_global | global_attention_mask.bool()
-        if attention_mask is not None:
-            is_global = is_global & attention_mask.bool()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # the forward's own rule for which tokens are global (attention_mask 2, the head's default)
+        layout = AttentionLayout.build(attention_mask, self._default_global_mask(input_ids, global_attention_mask))
         encoder = sum(flops.encoder_layer_flops(N, window, g, c.hidden_size, c.num_attention_heads,
                                                 c.intermediate_size)
-                      for g in is_global.sum(dim=1).tolist() for window in c.attention_window)
+                      for g in layout.is_global.sum(dim=1).tolist() for window in c.attention_window)
         return 3 * (encoder + self._head_flops(input_ids, **head_inputs))
 
     def _default_global_mask(self, input_ids: Tensor, global_attention_mask: Tensor | None) -> Tensor | None:

@@ -73,6 +73,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from . import flops
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -559,8 +561,6 @@ class Trainer:
     def _device_peak_flops(self) -> tuple[float, str]:
         """(FLOP/s, its source): --peak_tflops, else flops.peak_flops for this device and precision
         (recorded: an MFU is only as meaningful as the peak it divides by)."""
-        from . import flops
-
         e = self.engine
         precision = "fp16" if e.fp16_enabled() else "bf16" if e.bfloat16_enabled() else "fp32"
         if self.args.peak_tflops > 0:

@@ -84,3 +84,20 @@ def test_peak_flops_from_the_gpu_table_or_measured(monkeypatch):
     assert flops.peak_flops("cuda", "fp32")[0] == pytest.approx(66.9e12)
     rate, source = flops.peak_flops("cpu", "fp32")
     assert rate > 1e8 and source == "measured float32 matmul rate on cpu"
+
+
+def test_train_flops_reads_global_tokens_as_the_forward_does():
+    """attention_mask 2 marks a global token (transformers' convention), as global_attention_mask
+    does; a global mark on a padding token counts for nothing."""
+    model = tiny(LongformerForMaskedLM, window=8)
+    ids = torch.randint(3, 100, (1, N))
+    ones = torch.ones_like(ids)
+    first = (torch.arange(N) == 0).long()[None]
+    by_mask_value = model.train_flops(ids, attention_mask=ones + first)
+    assert by_mask_value == model.train_flops(ids, attention_mask=ones, global_attention_mask=first)
+    assert by_mask_value > model.train_flops(ids, attention_mask=ones)
+    padded = ones.clone()
+    padded[0, -1] = 0
+    last = (torch.arange(N) == N - 1).long()[None]
+    assert model.train_flops(ids, attention_mask=padded, global_attention_mask=last) == \
+        model.train_flops(ids, attention_mask=padded)

@@ -230,9 +230,9 @@ def worker(spec: dict):
 
         step_s = statistics.median(times)
         achieved = step_flops(spec, batch) / step_s
-        peak, peak_source = flops.peak_flops(device, spec["precision"])
+        device_peak, peak_source = flops.peak_flops(device, spec["precision"])  # `peak` is the memory's
         result.update(step_s=step_s, times_s=times, tokens_per_s=spec["batch"] * n / step_s,
-                      tflops=achieved / 1e12, mfu_percent=100 * achieved / peak, peak_source=peak_source)
+                      tflops=achieved / 1e12, mfu_percent=100 * achieved / device_peak, peak_source=peak_source)
     if budget:
         result["fits"] = peak <= budget
     print(json.dumps(result))
