@@ -259,17 +259,21 @@ class _Blocks:
 
     def write_rows(self, out: Tensor, rows: Tensor, i0: int, i1: int):
         """Write (B * (i1 - i0), H, b, D) block rows into out (B, N, H, D), dropping the padding."""
-        rows = rows.view(self.B, i1 - i0, self.H, self.b, self.D).transpose(2, 3).flatten(1, 2)
-        end = min(i1 * self.b, self.N)
-        out[:, i0 * self.b: end] = rows[:, : end - i0 * self.b]
+        m, b = i1 - i0, self.b
+        rows = rows.view(self.B, m, self.H, b, self.D).transpose(2, 3)  # (B, m, b, H, D), not copied
+        full = min(m, (self.N - i0 * b) // b)  # whole blocks: one transposing copy into out's view
+        out[:, i0 * b: (i0 + full) * b].view(self.B, full, b, self.H, self.D).copy_(rows[:, :full])
+        if full < m:  # the last block, cut at N
+            end = self.N - (i0 + full) * b
+            out[:, (i0 + full) * b:] = rows[:, full, :end]
 
     def add_key_grad(self, grad: Tensor, grad_global: Tensor, grad_keys: Tensor, i0: int, i1: int):
         """Accumulate the gradient of the keys of blocks [i0, i1) (B, i1 - i0, H, span + G, D) into
         grad (B, halo + N + halo + b, H, D), token-indexed with the halo in front, and grad_global."""
-        b = self.b
-        for j in range(self.parts):
-            piece = grad_keys[:, :, :, j * b: (j + 1) * b].transpose(2, 3).flatten(1, 2)  # (B, (i1-i0) b, H, D)
-            grad[:, (i0 + j) * b: (i1 + j) * b] += piece
+        b, m = self.b, i1 - i0
+        for j in range(self.parts):  # add the transposed view in place: no (B, m b, H, D) copy first
+            piece = grad_keys[:, :, :, j * b: (j + 1) * b].transpose(2, 3)  # (B, m, b, H, D)
+            grad[:, (i0 + j) * b: (i1 + j) * b].view(self.B, m, b, self.H, self.D).add_(piece)
         if grad_global.shape[2]:
             grad_global += grad_keys[:, :, :, self.parts * b:].sum(dim=1)
 

@@ -230,6 +230,10 @@ def build_ds_config(args: TrainerArgs, total_steps: int, on_cpu: bool) -> dict:
     _set_run_value(opt, "weight_decay", args.weight_decay, "optimizer.params.")
     if on_cpu:  # DeepSpeed's CPU FusedAdam is a ~2 min JIT compile; torch's AdamW is as good here
         opt.setdefault("torch_adam", True)
+        if opt["torch_adam"] and "foreach" not in opt:  # (torch refuses fused with foreach)
+            # torch's fused CPU AdamW: one pass over each tensor, 5x faster than its default per-tensor
+            # loop (82 vs 422 ms a step for 53M parameters, one thread); the same update up to rounding
+            opt.setdefault("fused", True)
     if "scheduler" in cfg:  # fill the run-dependent keys the section has (WarmupLR, WarmupDecayLR, ...)
         sched = cfg["scheduler"].setdefault("params", {})
         for key, value in (("warmup_max_lr", args.lr), ("warmup_num_steps", args.warmup_steps),

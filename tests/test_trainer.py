@@ -95,6 +95,7 @@ def test_shipped_configs_get_every_auto_value(name):
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"]["params"]["lr"] == 2e-4 and cfg["optimizer"]["params"]["weight_decay"] == 0.1
     assert cfg["optimizer"]["params"].get("torch_adam", False) == on_cpu
+    assert cfg["optimizer"]["params"].get("fused", False) == on_cpu  # torch's fused CPU AdamW
     assert "train_batch_size" not in cfg  # DeepSpeed derives it from the world size
 
 
@@ -185,6 +186,20 @@ def test_mfu_against_a_measured_peak_on_cpu(parallel_runs):
     for run in ("single", "zero2"):
         mfu = scalars(run_dir(parallel_runs / run), "train/mfu_percent")
         assert sorted(mfu) == [1, 2, 3, 4] and all(0 < value < 100 for value in mfu.values()), mfu
+
+
+def test_cpu_runs_use_torchs_fused_adamw(parallel_runs):
+    """On CPU the trainer asks for torch's fused AdamW (5x its default loop), also under ZeRO-2."""
+    for run in ("single", "zero2"):
+        summary = json.loads((parallel_runs / run / "dump" / "summary.json").read_text())
+        assert summary["optimizer"] == {"class": "AdamW", "fused": True}, summary
+
+
+def test_a_config_asking_for_foreach_gets_no_fused_flag():
+    """torch refuses fused together with foreach: a config that asks for foreach keeps it alone."""
+    cfg = build_ds_config(TrainerArgs(deepspeed_config={"optimizer": {"type": "AdamW", "params": {"foreach": True}}}),
+                          10, on_cpu=True)
+    assert cfg["optimizer"]["params"]["foreach"] is True and "fused" not in cfg["optimizer"]["params"]
 
 
 def test_zero3_export_loads_in_transformers(parallel_runs):

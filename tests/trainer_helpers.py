@@ -137,6 +137,8 @@ def main(argv=None) -> None:
         logits = trainer.engine(**probe).logits.float().cpu()
     if trainer.rank == 0:
         torch.save(logits, ns.dump / "logits.pt")
+        optimizer = trainer.engine.basic_optimizer  # the torch optimizer under DeepSpeed's wrappers
+        summary["optimizer"] = {"class": type(optimizer).__name__, "fused": optimizer.defaults.get("fused")}
         (ns.dump / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
