@@ -266,16 +266,78 @@ class LongformerModel(LongformerPreTrainedModel):
         return ModelOutput(last_hidden_state=hidden, pooler_output=pooled)
 
 
+CE_CHUNK_ELEMENTS = 2**25  # logits per chunk of LinearCrossEntropy: 128 MiB in fp32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i cross_entropy(x_i W^T + b, t_i) without holding the (M, V) logits.
+
+    The autograd way keeps the logits, their log-softmax and, in backward, two more (M, V) tensors:
+    at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB, more than the whole
+    encoder. Here the rows go in chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient
+    (softmax - one-hot) is used at once: forward leaves dx (M, C), dW (V, C), db (V), and backward
+    only scales them by the incoming gradient. The same three matmuls as autograd, none recomputed.
+    Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
+        M, V = x.shape[0], weight.shape[0]
+        needs_grad = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if needs_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs_grad[1] else None
+        grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if needs_grad[2] else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        rows = max(1, CE_CHUNK_ELEMENTS // V)
+        for i in range(0, M, rows):
+            x_c, t_c = x[i: i + rows], targets[i: i + rows]
+            logits = torch.addmm(bias, x_c, weight.t()).float()  # (rows, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            if not any(needs_grad):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(t_c), device=x.device), t_c] -= 1.0
+            probs.div_(M)  # d(mean loss) / d(logits)
+            if grad_x is not None:
+                grad_x[i: i + rows] = probs.to(x.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(probs.t(), x_c.float())
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        return loss / M
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        # Out of place: a second backward through a retained graph must find the buffers unscaled.
+        return (*(None if g is None else (g * grad_loss).to(dtype)
+                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None)
+
+
+class MLMDecoder(nn.Linear):
+    """The LM head's output projection (HF's `lm_head.decoder`, tied to the word embeddings).
+    decoder(x) gives logits; decoder(x, targets) the mean cross-entropy through LinearCrossEntropy.
+    A module call either way, so DeepSpeed ZeRO-3 gathers the weight for it."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return LinearCrossEntropy.apply(x, self.weight, self.bias, targets)
+
+
 class LongformerLMHead(nn.Module):
     def __init__(self, config: LongformerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder = MLMDecoder(config.hidden_size, config.vocab_size)
         self.bias = self.decoder.bias  # HF names the same tensor twice
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.decoder(self.layer_norm(F.gelu(self.dense(hidden))))
+    def forward(self, hidden: Tensor, targets: Tensor | None = None) -> Tensor:
+        """(..., C) -> logits (..., V); with targets (M,) for hidden (M, C): the mean cross-entropy."""
+        return self.decoder(self.layer_norm(F.gelu(self.dense(hidden))), targets)
 
 
 class LongformerForMaskedLM(LongformerPreTrainedModel):
@@ -308,15 +370,15 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
                 token_type_ids=None) -> ModelOutput:
-        """Training with labels scores only the labelled (masked) positions: the same loss without
-        the (B, N, V) logits, which at N=4096 and V=50k cost more than the encoder layers; then
-        `.logits` is None. In eval mode, or without labels, `.logits` is (B, N, V) as usual."""
+        """Training with labels scores only the labelled (masked) positions, in chunks
+        (LinearCrossEntropy): the same loss without the (B, N, V) logits, which at N=4096 and V=50k
+        cost more than the encoder layers; then `.logits` is None. In eval mode, or without labels,
+        `.logits` is (B, N, V) as usual."""
         out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
         hidden = out.last_hidden_state  # (B, N, C)
         if labels is not None and self.training and torch.is_grad_enabled():
-            scored = labels != -100
-            logits = self.lm_head(hidden[scored])  # (M, V), M = number of masked tokens
-            loss = F.cross_entropy(logits.float(), labels[scored]) if scored.any() else logits.sum() * 0.0
+            scored = labels != -100  # M masked tokens; their logits are never held at once
+            loss = self.lm_head(hidden[scored], labels[scored]) if scored.any() else hidden.sum() * 0.0
             return ModelOutput(loss=loss, logits=None, last_hidden_state=hidden)
         logits = self.lm_head(hidden)  # (B, N, V)
         loss = None

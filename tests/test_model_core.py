@@ -319,8 +319,12 @@ def test_attention_dropout_mask_statistics():
     assert (mean - plain).abs().mean() < 0.1 * (one - plain).abs().mean()
 
 
-def test_training_mlm_loss_scores_only_masked_positions():
-    """In training mode the MLM head runs on the labelled rows only: same loss and gradients."""
+def test_training_mlm_loss_scores_only_masked_positions(monkeypatch):
+    """In training mode the MLM head runs on the labelled rows only, in chunks (here of 3 rows):
+    same loss and gradients as the eval path's full logits."""
+    from ds_longformer import model as model_module
+
+    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", 3 * tiny_config().vocab_size)
     torch.manual_seed(0)
     model = LongformerForMaskedLM(tiny_config())
     ids, am, gm = make_batch(2, 30, (30, 21), ([0], [4]))
@@ -337,6 +341,45 @@ def test_training_mlm_loss_scores_only_masked_positions():
     assert abs(losses[0] - losses[1]) < 1e-6
     for name, g in grads[1].items():
         assert (grads[0][name] - g).abs().max() < 1e-6, name
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 100])
+def test_linear_cross_entropy_matches_autograd(monkeypatch, chunk_rows):
+    """The chunked MLM loss: the loss and the gradients of features, weight and bias equal those of
+    F.cross_entropy over F.linear's logits, in 1-row, 4-row and single chunks, under a loss scale."""
+    from ds_longformer import model as model_module
+
+    V = 37
+    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk_rows * V)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(10, 16), torch.randn(V, 16), torch.randn(V)
+    targets = torch.randint(0, V, (10,))
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = (model_module.LinearCrossEntropy.apply(*leaves, targets) if fused
+                else F.cross_entropy(F.linear(*leaves), targets))
+        (loss * 3.0).backward()  # e.g. DeepSpeed's loss scale or 1 / accumulation steps
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_keeps_no_logits():
+    """What the loss keeps for backward is the size of its inputs, never (M, V)."""
+    from ds_longformer.model import LinearCrossEntropy
+
+    x, w, b = torch.randn(50, 8, requires_grad=True), torch.randn(1000, 8, requires_grad=True), torch.zeros(1000)
+    b.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = LinearCrossEntropy.apply(x, w, b, torch.randint(0, 1000, (50,)))
+    assert sorted(saved) == sorted([x.shape, w.shape, b.shape]), saved
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    w.grad = None
+    loss.backward()  # a retained graph gives the same gradients twice
+    torch.testing.assert_close(w.grad, first, rtol=0, atol=0)
 
 
 def test_flex_refuses_backward_on_cpu():

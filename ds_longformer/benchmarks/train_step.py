@@ -15,11 +15,12 @@ loaded by transformers.LongformerForMaskedLM.from_pretrained) and see the same b
 tokens, <s> first with global attention (1 global token), 15% of the tokens masked as MLM labels.
 Attention dropout (--attention_dropout) is 0.1 for both, 0 when our backend is flex (it has none).
 
-Our MLM head scores only the masked positions in training (the same loss); transformers' scores all
-N over the whole vocabulary, a large share of its step and of its memory (the N x vocab logits and
-their gradients). `--impls ... hf_masked` adds transformers' model with our head's shortcut (its
-encoder, then its lm_head on the masked positions only): against it the table's "vs hf_masked"
-column isolates the encoder and attention.
+Our MLM head scores only the masked positions in training, in chunks that never hold all their
+logits (model.LinearCrossEntropy; the same loss); transformers' scores all N over the whole
+vocabulary, a large share of its step and of its memory (the N x vocab logits and their
+gradients). `--impls ... hf_masked` adds transformers' model with our head's shortcuts (its
+encoder, then its lm_head on the masked positions only, the loss chunked as ours): against it the
+table's "vs hf_masked" column isolates the encoder and attention.
 
 Each (model, precision, checkpointing) runs in a fresh worker process: --warmup untimed steps
 (on CPU of --warmup_len tokens: they only have to allocate the optimizer state), one full-length
@@ -102,19 +103,24 @@ def build_model(spec: dict) -> torch.nn.Module:
 
 
 class MaskedPositionsHead(torch.nn.Module):
-    """transformers' LongformerForMaskedLM with our head's shortcut: its encoder, then its lm_head
-    on the labelled positions only; the same loss as scoring every position."""
+    """transformers' LongformerForMaskedLM with our head's shortcuts: its encoder, then its lm_head
+    on the labelled positions only, its decoder through our chunked LinearCrossEntropy; the same
+    loss as scoring every position, so against it only the encoders differ."""
 
     def __init__(self, mlm: torch.nn.Module):
         super().__init__()
         self.mlm = mlm
 
     def forward(self, input_ids, attention_mask, global_attention_mask, labels):
+        from ds_longformer.model import LinearCrossEntropy
+
         hidden = self.mlm.longformer(input_ids=input_ids, attention_mask=attention_mask,
                                      global_attention_mask=global_attention_mask)[0]
         scored = labels != -100
-        logits = self.mlm.lm_head(hidden[scored])
-        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), labels[scored]))
+        head = self.mlm.lm_head  # its forward: dense -> gelu -> layer_norm -> decoder
+        features = head.layer_norm(torch.nn.functional.gelu(head.dense(hidden[scored])))
+        loss = LinearCrossEntropy.apply(features, head.decoder.weight, head.decoder.bias, labels[scored])
+        return SimpleNamespace(loss=loss)
 
 
 def step_flops(spec: dict, batch: dict) -> float:
@@ -277,7 +283,8 @@ def describe(spec: dict) -> str:
     return (f"{spec['layers']} layers, hidden {spec['hidden']}, {spec['heads']} heads, intermediate "
             f"{spec['intermediate']}, vocab {spec['vocab']}, window {spec['window']}, batch {spec['batch']}, "
             f"1 global token; our backend {spec['backend']}, attention dropout {spec['attention_dropout']}; "
-            f"DeepSpeed ZeRO-{cfg['zero_optimization']['stage']}, torch AdamW")
+            f"DeepSpeed ZeRO-{cfg['zero_optimization']['stage']}, torch AdamW"
+            f"{' (fused)' if cfg['optimizer']['params'].get('fused') else ''}")
 
 
 def main(argv=None):
