@@ -299,10 +299,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             probs[torch.arange(len(t_c), device=x.device), t_c] -= 1.0
             probs.div_(M)  # d(mean loss) / d(logits)
+            probs_x = probs.to(x.dtype)  # the matmuls in x's dtype, as autograd's would be
             if grad_x is not None:
-                grad_x[i: i + rows] = probs.to(x.dtype) @ weight
-            if grad_w is not None:
-                grad_w.addmm_(probs.t(), x_c.float())
+                grad_x[i: i + rows] = probs_x @ weight
+            if grad_w is not None:  # summed over the chunks in fp32
+                if x.dtype == torch.float32:
+                    grad_w.addmm_(probs.t(), x_c)
+                else:
+                    grad_w += probs_x.t() @ x_c
             if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
