@@ -292,13 +292,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, M, rows):
             x_c, t_c = x[i: i + rows], targets[i: i + rows]
             logits = torch.addmm(bias, x_c, weight.t()).float()  # (rows, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t_c[:, None])  # (rows, 1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place (logsumexp would make a second (rows, V))
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            loss += (row_max + row_sum.log() - target_logit).sum()  # log-sum-exp minus the target's
             if not any(needs_grad):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(t_c), device=x.device), t_c] -= 1.0
-            probs.div_(M)  # d(mean loss) / d(logits)
+            probs.div_(row_sum * M)  # softmax / M
+            probs[torch.arange(len(t_c), device=x.device), t_c] -= 1.0 / M  # d(mean loss) / d(logits)
             probs_x = probs.to(x.dtype)  # the matmuls in x's dtype, as autograd's would be
             if grad_x is not None:
                 grad_x[i: i + rows] = probs_x @ weight
@@ -315,8 +317,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        # Out of place: a second backward through a retained graph must find the buffers unscaled.
-        return (*(None if g is None else (g * grad_loss).to(dtype)
+        # The loss's gradient is mostly 1 (else a loss scale or 1 / accumulation steps): then the
+        # buffers are the gradients, and no second (V, C) tensor is made. Scaled out of place, so a
+        # second backward through a retained graph finds them unscaled.
+        unit = bool(grad_loss == 1)
+        return (*(None if g is None else (g if unit else g * grad_loss).to(dtype)
                   for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None)
 
 
