@@ -273,8 +273,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean_i cross_entropy(x_i W^T + b, t_i) without holding the (M, V) logits.
 
     The autograd way keeps the logits, their log-softmax and, in backward, two more (M, V) tensors:
-    at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB, more than the whole
-    encoder. Here the rows go in chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient
+    at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB. Here the rows go in chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient
     (softmax - one-hot) is used at once: forward leaves dx (M, C), dW (V, C), db (V), and backward
     only scales them by the incoming gradient. The same three matmuls as autograd, none recomputed.
     Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`.
@@ -387,7 +386,10 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         hidden = out.last_hidden_state  # (B, N, C)
         if labels is not None and self.training and torch.is_grad_enabled():
             scored = labels != -100  # M masked tokens; their logits are never held at once
-            loss = self.lm_head(hidden[scored], labels[scored]) if scored.any() else hidden.sum() * 0.0
+            if scored.any():
+                loss = self.lm_head(hidden[scored], labels[scored])
+            else:  # nothing to score: a zero loss that still reaches every head weight (ZeRO expects it)
+                loss = self.lm_head(hidden[scored]).sum() * 0.0
             return ModelOutput(loss=loss, logits=None, last_hidden_state=hidden)
         logits = self.lm_head(hidden)  # (B, N, V)
         loss = None

@@ -343,6 +343,16 @@ def test_training_mlm_loss_scores_only_masked_positions(monkeypatch):
         assert (grads[0][name] - g).abs().max() < 1e-6, name
 
 
+def test_training_batch_without_masked_tokens_gives_zero_loss_and_zero_head_grads():
+    model = LongformerForMaskedLM(tiny_config()).train()
+    ids, am, gm = make_batch(2, 30, (30, 21), ([0], [4]))
+    out = model(ids, am, gm, labels=torch.full_like(ids, -100))
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    for name, p in model.lm_head.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name  # in the graph: ZeRO sees every gradient
+
+
 @pytest.mark.parametrize("chunk_rows,dtype", [(1, torch.float32), (4, torch.float32), (100, torch.float32),
                                               (4, torch.bfloat16)])
 def test_linear_cross_entropy_matches_autograd(monkeypatch, chunk_rows, dtype):
