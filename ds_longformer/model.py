@@ -276,14 +276,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB. Here the rows go in chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient
     (softmax - one-hot) is used at once: forward leaves dx (M, C), dW (V, C), db (V), and backward
     only scales them by the incoming gradient. The same three matmuls as autograd, none recomputed.
-    Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`.
+    Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`;
+    the gradient matmuls in bf16 for bf16 (as autograd's) but in fp32 for fp16: these gradients are
+    not yet multiplied by the loss scale, and fp16 would flush the small ones to zero.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
         M, V = x.shape[0], weight.shape[0]
         needs_grad = ctx.needs_input_grad[:3]
-        grad_x = torch.empty_like(x) if needs_grad[0] else None
+        grad_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        x_g, weight_g = x.to(grad_dtype), weight.to(grad_dtype)
+        grad_x = torch.empty(x.shape, dtype=grad_dtype, device=x.device) if needs_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs_grad[1] else None
         grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if needs_grad[2] else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -300,14 +304,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 continue
             probs.div_(row_sum * M)  # softmax / M
             probs[torch.arange(len(t_c), device=x.device), t_c] -= 1.0 / M  # d(mean loss) / d(logits)
-            probs_x = probs.to(x.dtype)  # the matmuls in x's dtype, as autograd's would be
+            probs_g = probs.to(grad_dtype)
             if grad_x is not None:
-                grad_x[i: i + rows] = probs_x @ weight
+                grad_x[i: i + rows] = probs_g @ weight_g
             if grad_w is not None:  # summed over the chunks in fp32
-                if x.dtype == torch.float32:
-                    grad_w.addmm_(probs.t(), x_c)
+                if grad_dtype == torch.float32:
+                    grad_w.addmm_(probs.t(), x_g[i: i + rows])
                 else:
-                    grad_w += probs_x.t() @ x_c
+                    grad_w += probs_g.t() @ x_g[i: i + rows]
             if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_x, grad_w, grad_b)

@@ -379,6 +379,23 @@ def test_linear_cross_entropy_matches_autograd(monkeypatch, chunk_rows, dtype):
         torch.testing.assert_close(got, want, **tolerance)
 
 
+def test_linear_cross_entropy_in_fp16_keeps_gradients_below_fp16s_range():
+    """fp16 with a loss scale: a gradient too small for fp16 before scaling survives, as in autograd."""
+    from ds_longformer.model import LinearCrossEntropy
+
+    x = torch.tensor([[2.5, 0.0], [0.0, 2.5]], dtype=torch.float16, requires_grad=True)
+    w = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]], dtype=torch.float16, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float16, requires_grad=True)
+    targets = torch.tensor([0, 1])
+    # logits (10, 0, -10): the third word's d(loss)/d(W) is ~2e-9 (below fp16's 6e-8), x 2^16 ~ 1e-4
+    (LinearCrossEntropy.apply(x, w, b, targets) * 2.0**16).backward()
+    leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    (F.cross_entropy(F.linear(*leaves), targets) * 2.0**16).backward()
+    assert (w.grad[2] != 0).all()
+    for got, want in zip((x.grad, w.grad, b.grad), (t.grad for t in leaves)):
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-6)
+
+
 def test_linear_cross_entropy_keeps_no_logits():
     """What the loss keeps for backward is the size of its inputs, never (M, V)."""
     from ds_longformer.model import LinearCrossEntropy
