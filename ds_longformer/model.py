@@ -273,9 +273,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean_i cross_entropy(x_i W^T + b, t_i) without holding the (M, V) logits.
 
     The autograd way keeps the logits, their log-softmax and, in backward, two more (M, V) tensors:
-    at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB. Here the rows go in chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient
-    (softmax - one-hot) is used at once: forward leaves dx (M, C), dW (V, C), db (V), and backward
-    only scales them by the incoming gradient. The same three matmuls as autograd, none recomputed.
+    at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB. Here the rows go in
+    chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient (softmax - one-hot) is used at
+    once: forward leaves dx (M, C), dW (V, C), db (V), and backward only scales them by the incoming
+    gradient. The same three matmuls as autograd, none recomputed.
     Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`;
     the gradient matmuls in bf16 for bf16 (as autograd's) but in fp32 for fp16: these gradients are
     not yet multiplied by the loss scale, and fp16 would flush the small ones to zero.
@@ -284,6 +285,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
         M, V = x.shape[0], weight.shape[0]
+        low, high = (int(targets.min()), int(targets.max())) if M else (0, 0)
+        if low < 0 or high >= V:  # else gather's bare index error
+            raise ValueError(f"MLM labels must be token ids in [0, {V}) or -100 (not scored); got values "
+                             f"from {low} to {high}: a tokenizer of another vocabulary?")
         needs_grad = ctx.needs_input_grad[:3]
         grad_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
         x_g, weight_g = x.to(grad_dtype), weight.to(grad_dtype)

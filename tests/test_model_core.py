@@ -396,6 +396,15 @@ def test_linear_cross_entropy_in_fp16_keeps_gradients_below_fp16s_range():
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-6)
 
 
+def test_mlm_label_outside_the_vocabulary_is_refused_clearly():
+    model = LongformerForMaskedLM(tiny_config()).train()
+    ids, am, gm = make_batch(1, 30, (30,), ([0],))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5] = tiny_config().vocab_size  # one past the last word
+    with pytest.raises(ValueError, match=r"MLM labels must be token ids in \[0, \d+\)"):
+        model(ids, am, gm, labels=labels)
+
+
 def test_linear_cross_entropy_keeps_no_logits():
     """What the loss keeps for backward is the size of its inputs, never (M, V)."""
     from ds_longformer.model import LinearCrossEntropy
