@@ -285,7 +285,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
         M, V = x.shape[0], weight.shape[0]
-        low, high = (int(targets.min()), int(targets.max())) if M else (0, 0)
+        low, high = torch.stack([targets.min(), targets.max()]).tolist() if M else (0, 0)  # one device sync
         if low < 0 or high >= V:  # else gather's bare index error
             raise ValueError(f"MLM labels must be token ids in [0, {V}) or -100 (not scored); got values "
                              f"from {low} to {high}: a tokenizer of another vocabulary?")
