@@ -279,7 +279,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradient. The same three matmuls as autograd, none recomputed.
     Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`;
     the gradient matmuls in bf16 for bf16 (as autograd's) but in fp32 for fp16: these gradients are
-    not yet multiplied by the loss scale, and fp16 would flush the small ones to zero.
+    not yet multiplied by the loss scale, and fp16 would flush the small ones to zero. dW is summed
+    over chunks in fp32; a bf16 loss of one chunk (the usual case: 667 rows for V = 50265) writes
+    its one bf16 product instead, as autograd does, without the fp32 (V, C) buffer (147 MiB).
     """
 
     @staticmethod
@@ -293,10 +295,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
         x_g, weight_g = x.to(grad_dtype), weight.to(grad_dtype)
         grad_x = torch.empty(x.shape, dtype=grad_dtype, device=x.device) if needs_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs_grad[1] else None
+        rows = max(1, CE_CHUNK_ELEMENTS // V)
+        sum_grad_w = needs_grad[1] and (grad_dtype == torch.float32 or not 0 < M <= rows)  # else one bf16 product
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if sum_grad_w else None
         grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if needs_grad[2] else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        rows = max(1, CE_CHUNK_ELEMENTS // V)
         for i in range(0, M, rows):
             x_c, t_c = x[i: i + rows], targets[i: i + rows]
             logits = torch.addmm(bias, x_c, weight.t()).float()  # (rows, V)
@@ -312,8 +315,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs_g = probs.to(grad_dtype)
             if grad_x is not None:
                 grad_x[i: i + rows] = probs_g @ weight_g
-            if grad_w is not None:  # summed over the chunks in fp32
-                if grad_dtype == torch.float32:
+            if needs_grad[1]:
+                if not sum_grad_w:
+                    grad_w = probs_g.t() @ x_g  # (V, C) bf16: the only chunk
+                elif grad_dtype == torch.float32:
                     grad_w.addmm_(probs.t(), x_g[i: i + rows])
                 else:
                     grad_w += probs_g.t() @ x_g[i: i + rows]

@@ -354,7 +354,7 @@ def test_training_batch_without_masked_tokens_gives_zero_loss_and_zero_head_grad
 
 
 @pytest.mark.parametrize("chunk_rows,dtype", [(1, torch.float32), (4, torch.float32), (100, torch.float32),
-                                              (4, torch.bfloat16)])
+                                              (4, torch.bfloat16), (100, torch.bfloat16)])
 def test_linear_cross_entropy_matches_autograd(monkeypatch, chunk_rows, dtype):
     """The chunked MLM loss: the loss and the gradients of features, weight and bias equal those of
     F.cross_entropy over F.linear's logits, in 1-row, 4-row and single chunks, under a loss scale;
@@ -420,6 +420,24 @@ def test_linear_cross_entropy_keeps_no_logits():
     w.grad = None
     loss.backward()  # a retained graph gives the same gradients twice
     torch.testing.assert_close(w.grad, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_rows,kept_dtype", [(100, torch.bfloat16), (4, torch.float32)])
+def test_linear_cross_entropy_in_bf16_keeps_an_fp32_weight_gradient_only_to_sum_chunks(
+        monkeypatch, chunk_rows, kept_dtype):
+    """bf16: one chunk keeps its one bf16 (V, C) product (autograd's matmul, half the memory of
+    an fp32 buffer); several chunks are summed in fp32."""
+    from ds_longformer import model as model_module
+
+    V, C = 37, 16
+    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk_rows * V)
+    x, w, b = (torch.randn(*shape).bfloat16().requires_grad_() for shape in ((10, C), (V, C), (V,)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model_module.LinearCrossEntropy.apply(x, w, b, torch.randint(0, V, (10,)))
+    assert [t.dtype for t in saved if t.shape == (V, C)] == [kept_dtype]
+    loss.backward()
+    assert w.grad.dtype == torch.bfloat16 and w.grad.abs().sum() > 0
 
 
 def test_flex_refuses_backward_on_cpu():
