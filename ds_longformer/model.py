@@ -279,9 +279,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradient. The same three matmuls as autograd, none recomputed.
     Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`;
     the gradient matmuls in bf16 for bf16 (as autograd's) but in fp32 for fp16: these gradients are
-    not yet multiplied by the loss scale, and fp16 would flush the small ones to zero. dW is summed
-    over chunks in fp32; a bf16 loss of one chunk (the usual case: 667 rows for V = 50265) writes
-    its one bf16 product instead, as autograd does, without the fp32 (V, C) buffer (147 MiB).
+    not yet multiplied by the loss scale, and fp16 would flush the small ones to zero. dW of one
+    chunk (the usual case: 667 rows for V = 50265) is that chunk's product, as autograd's; several
+    chunks are summed in an fp32 (V, C) buffer (147 MiB), which bf16 precision needs.
     """
 
     @staticmethod
@@ -296,7 +296,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         x_g, weight_g = x.to(grad_dtype), weight.to(grad_dtype)
         grad_x = torch.empty(x.shape, dtype=grad_dtype, device=x.device) if needs_grad[0] else None
         rows = max(1, CE_CHUNK_ELEMENTS // V)
-        sum_grad_w = needs_grad[1] and (grad_dtype == torch.float32 or not 0 < M <= rows)  # else one bf16 product
+        sum_grad_w = needs_grad[1] and not 0 < M <= rows  # several chunks; one writes its product
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if sum_grad_w else None
         grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if needs_grad[2] else None
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -317,7 +317,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_x[i: i + rows] = probs_g @ weight_g
             if needs_grad[1]:
                 if not sum_grad_w:
-                    grad_w = probs_g.t() @ x_g  # (V, C) bf16: the only chunk
+                    grad_w = probs_g.t() @ x_g  # (V, C) in grad_dtype: the only chunk
                 elif grad_dtype == torch.float32:
                     grad_w.addmm_(probs.t(), x_g[i: i + rows])
                 else:

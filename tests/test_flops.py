@@ -29,7 +29,7 @@ def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
 
 
 def counted(model, **batch) -> int:
-    # torch's counter knows addmm but not its in-place form, which the chunked MLM loss accumulates with
+    # torch's counter knows addmm but not its in-place form, which the MLM loss sums its chunks with
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter:
         model(**batch).loss.backward()
     return counter.get_total_flops()
@@ -42,7 +42,12 @@ def test_band_pairs_counts_the_window():
         assert flops.band_pairs(n, window) == brute, (n, window)
 
 
-def test_masked_lm_train_flops_equal_torch_count():
+@pytest.mark.parametrize("chunk_rows", [None, 3])  # the loss in one chunk, or summed over 3-row chunks
+def test_masked_lm_train_flops_equal_torch_count(monkeypatch, chunk_rows):
+    from ds_longformer import model as model_module
+
+    if chunk_rows:
+        monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk_rows * 101)
     model = tiny(LongformerForMaskedLM)
     ids = torch.randint(3, 100, (2, N))
     labels = torch.full_like(ids, -100)

@@ -440,6 +440,24 @@ def test_linear_cross_entropy_in_bf16_keeps_an_fp32_weight_gradient_only_to_sum_
     assert w.grad.dtype == torch.bfloat16 and w.grad.abs().sum() > 0
 
 
+def test_linear_cross_entropy_of_one_chunk_makes_no_zero_filled_buffer(monkeypatch):
+    """fp32, one chunk: dW is the chunk's product, never a zeroed (V, C) buffer added into."""
+    from ds_longformer import model as model_module
+
+    V, C = 37, 16
+    x, w, b = (torch.randn(*shape).requires_grad_() for shape in ((10, C), (V, C), (V,)))
+    zeros_of = []
+    real_zeros = torch.zeros
+
+    def recording_zeros(*size, **kwargs):
+        zeros_of.append(tuple(size[0]) if size and not isinstance(size[0], int) else size)
+        return real_zeros(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    model_module.LinearCrossEntropy.apply(x, w, b, torch.randint(0, V, (10,))).backward()
+    assert (V, C) not in zeros_of, zeros_of
+
+
 def test_flex_refuses_backward_on_cpu():
     model = LongformerModel(tiny_config(attention_backend="flex"))
     ids, am, _ = make_batch(1, 16)
