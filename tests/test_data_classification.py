@@ -83,6 +83,34 @@ def test_imdb_errors_name_file_and_record(tmp_path):
         load_imdb(root)
 
 
+@pytest.mark.parametrize("folder", ["train/pos", "test/neg"])
+def test_imdb_class_folder_without_reviews_is_named(tmp_path, folder):
+    root = write_imdb_folders(tmp_path)
+    for review in (root / "aclImdb" / folder).glob("*.txt"):
+        review.unlink()
+    with pytest.raises(DataFormatError, match=rf"aclImdb/{folder}: no reviews \(\*\.txt\) of class '{folder[-3:]}'"):
+        load_imdb(root)
+
+
+def test_imdb_parquet_training_split_needs_both_classes(tmp_path):
+    folder = write_imdb_parquet(tmp_path) / "plain_text"
+    pq.write_table(pa.table({"text": ["Great.", "Superb."], "label": [1, 1]}), folder / "train-00000-of-00001.parquet")
+    with pytest.raises(DataFormatError, match=r"train-00000-of-00001.parquet: no example of class 0 \('neg'\)"):
+        load_imdb(tmp_path)
+
+
+def test_imdb_empty_splits_are_named(tmp_path):
+    folder = write_imdb_parquet(tmp_path) / "plain_text"
+    test_file = folder / "test-00000-of-00001.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), test_file)
+    with pytest.raises(DataFormatError, match=r"test-00000-of-00001.parquet: no examples"):
+        load_imdb(tmp_path)
+    write_imdb_parquet(tmp_path)
+    with pytest.raises(DataFormatError, match=r"train-00000-of-00001.parquet: no dev examples \(holding out 0.01 "
+                                              r"of 10 training reviews leaves none\)"):
+        load_imdb(tmp_path, dev_fraction=0.01)
+
+
 # ---------------------------------------------------------------- Hyperpartisan
 
 
@@ -120,12 +148,12 @@ def test_hyperpartisan_xml_and_jsonl_agree(tmp_path):
 
 def test_hyperpartisan_jsonl_accepts_longformer_output(tmp_path):
     splits = {
-        "train": [{"text": "Some text", "label": "true", "id": 7}],
+        "train": [{"text": "Some text", "label": "true", "id": 7}, {"text": "More", "label": False, "id": 6}],
         "dev": [{"text": "Other text", "label": "False", "id": 8}],
         "test": [{"text": "Third", "label": "false", "id": "0000009"}],
     }
     data = load_hyperpartisan(write_hyperpartisan_jsonl(tmp_path, splits))
-    assert data["train"] == [{"text": "Some text", "label": 1, "id": "7"}]
+    assert data["train"] == [{"text": "Some text", "label": 1, "id": "7"}, {"text": "More", "label": 0, "id": "6"}]
     assert data["dev"][0]["label"] == 0 and data["test"][0]["id"] == "9"
 
 
@@ -191,6 +219,29 @@ def test_hyperpartisan_jsonl_errors_name_file_and_line(tmp_path):
         load_hyperpartisan(tmp_path)
     (tmp_path / "dev.jsonl").write_text('{"text": "  ", "label": "true", "id": 2}\n')
     with pytest.raises(DataFormatError, match=r"dev.jsonl: line 1: empty text"):
+        load_hyperpartisan(tmp_path)
+
+
+@pytest.mark.parametrize("splits, pattern", [
+    ({"train": [0, 2], "dev": [3], "test": [4, 5]}, r"split 'train': no example of class 0 \('false'\)"),
+    ({"train": [0, 1, 2], "dev": [3], "test": []}, r"split 'test': no examples"),
+])
+def test_hyperpartisan_xml_splits_without_examples_or_a_training_class(tmp_path, splits, pattern):
+    write_hyperpartisan_xml(tmp_path, splits=splits)
+    with pytest.raises(DataFormatError, match=r"hp-splits.json: " + pattern):
+        load_hyperpartisan(tmp_path)
+
+
+def test_hyperpartisan_jsonl_splits_without_examples_or_a_training_class(tmp_path):
+    both = [{"text": "t", "label": "true", "id": 1}, {"text": "u", "label": "false", "id": 2}]
+    write_hyperpartisan_jsonl(tmp_path, {"train": both, "dev": both[:1], "test": both[1:]})
+    data = load_hyperpartisan(tmp_path)  # one class in dev or test is allowed (small evaluation sets)
+    assert [ex["label"] for ex in data["dev"] + data["test"]] == [1, 0]
+    (tmp_path / "dev.jsonl").write_text("\n")
+    with pytest.raises(DataFormatError, match=r"dev.jsonl: no examples"):
+        load_hyperpartisan(tmp_path)
+    write_hyperpartisan_jsonl(tmp_path, {"train": both[:1], "dev": both, "test": both})
+    with pytest.raises(DataFormatError, match=r"train.jsonl: no example of class 0 \('false'\)"):
         load_hyperpartisan(tmp_path)
 
 

@@ -9,6 +9,7 @@ from data_fixtures import (
     WIKIHOP_RECORDS,
     bert_tokenizer_path,
     make_tiny_roberta_tokenizer,
+    make_tokenizer_without_vocabulary,
     make_wikihop_records,
     write_wikihop_json,
 )
@@ -98,6 +99,26 @@ def test_broken_json_and_missing_file(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         load_wikihop_json(tmp_path / "train.json")
     assert "train.json" in str(e.value) and "qangaroo" in str(e.value)
+
+
+def test_empty_file_and_empty_record_list_are_named(tmp_path):
+    path = write_wikihop_json(tmp_path, [])
+    with pytest.raises(DataFormatError, match=r"dev\.json: no records \(an empty list\)"):
+        load_wikihop_json(path)
+    path.write_text(" \n")
+    with pytest.raises(DataFormatError, match=r"dev\.json: empty file"):
+        load_wikihop_json(path)
+
+
+def test_a_tokenizer_that_yields_no_tokens_is_named_and_nothing_is_cached(tmp_path):
+    empty = AutoTokenizer.from_pretrained(make_tokenizer_without_vocabulary(tmp_path))
+    add_wikihop_tokens(empty)
+    path = write_wikihop_json(tmp_path)
+    for cache_dir in (None, tmp_path / "cache"):
+        with pytest.raises(DataFormatError, match=r"dev\.json: the tokenizer '.*tokenizer_without_vocabulary' yields "
+                                                  r"no tokens for this text \(\d+ characters\)"):
+            load_wikihop(path, empty, cache_dir=cache_dir)
+    assert not list((tmp_path / "cache").glob("wikihop-*"))
 
 
 # ---------------------------------------------------------------- tokens and embeddings

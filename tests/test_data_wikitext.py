@@ -9,6 +9,7 @@ from data_fixtures import (
     WIKITEXT_SPLITS,
     bert_tokenizer_path,
     make_tiny_roberta_tokenizer,
+    make_tokenizer_without_vocabulary,
     write_wikitext_parquet,
     write_wikitext_raw,
     write_wikitext_txt,
@@ -142,6 +143,32 @@ def test_non_utf8_file_names_the_file(tmp_path, tokenizer):
     (tmp_path / "wikitext-103-raw" / "wiki.valid.raw").write_bytes(b"ok\n\xff\xfe bad\n")
     with pytest.raises(DataFormatError, match="wiki.valid.raw.*not UTF-8"):
         load_wikitext(tmp_path, tokenizer, max_seq_len=16, splits=["validation"])
+
+
+@pytest.mark.parametrize("text", ["", " \n\n \t\n"], ids=["empty", "blank_lines"])
+@pytest.mark.parametrize("name", ["wiki.train.raw", "wiki.valid.raw"])
+def test_a_split_without_text_names_its_file_before_tokenizing(tmp_path, tokenizer, monkeypatch, text, name):
+    write_wikitext_raw(tmp_path)
+    (tmp_path / "wikitext-103-raw" / name).write_text(text)
+    monkeypatch.setattr(wikitext, "_Tokenize", None)  # never reached
+    with pytest.raises(DataFormatError, match=rf"{name}: no text \(empty, or only blank lines\)"):
+        load_wikitext(tmp_path, tokenizer, max_seq_len=16, cache_dir=tmp_path / "cache",
+                      splits=["train", "validation"] if name == "wiki.valid.raw" else ["train"])
+
+
+def test_parquet_shards_without_text_are_all_named(tmp_path, tokenizer):
+    write_wikitext_parquet(tmp_path, splits={**WIKITEXT_SPLITS, "train": [" \n", "", "\t\n"]}, train_shards=2)
+    with pytest.raises(DataFormatError, match=r"train-00000-of-00002.parquet, \S*train-00001-of-00002.parquet: no text"):
+        load_wikitext(tmp_path, tokenizer, max_seq_len=16, splits=["train"])
+
+
+def test_a_tokenizer_that_yields_no_tokens_is_named_and_nothing_is_cached(tmp_path):
+    empty = AutoTokenizer.from_pretrained(make_tokenizer_without_vocabulary(tmp_path))
+    write_wikitext_raw(tmp_path)
+    with pytest.raises(DataFormatError, match=r"wiki.train.raw: the tokenizer '.*tokenizer_without_vocabulary' "
+                                              r"yields no tokens for this text \(\d+ characters\)"):
+        load_wikitext(tmp_path, empty, max_seq_len=16, cache_dir=tmp_path / "cache", splits=["train"])
+    assert not list((tmp_path / "cache").glob("wikitext-*"))  # a later run does not load an empty cache
 
 
 def test_bits_per_character():

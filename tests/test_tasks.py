@@ -21,6 +21,7 @@ from data_fixtures import (
     make_tiny_roberta_tokenizer,
     make_wikihop_records,
     write_hyperpartisan_xml,
+    write_imdb_folders,
     write_imdb_parquet,
     write_wikihop_json,
     write_wikitext_raw,
@@ -180,6 +181,27 @@ def test_missing_dataset_is_a_message_not_a_traceback(tmp_path, models, capsys):
             cli(main, list(map(str, argv)))
         assert exit_.value.code == 1
         assert expected in capsys.readouterr().err
+
+
+def test_data_with_nothing_to_learn_is_a_message_before_training(tmp_path, models, capsys):
+    """An IMDB class folder without reviews used to train a one-class classifier (exit 0); an empty
+    wiki.valid.raw and an empty WikiHop list ended in tracebacks."""
+    imdb = write_imdb_folders(tmp_path / "imdb")
+    for review in (imdb / "aclImdb" / "train" / "pos").glob("*.txt"):
+        review.unlink()
+    wiki = write_wikitext_raw(tmp_path / "wiki")
+    (wiki / "wikitext-103-raw" / "wiki.valid.raw").write_text(" \n\n")
+    no_records = write_wikihop_json(tmp_path / "wikihop", [], name="train.json")
+    cases = [(classify.main, ["--dataset", "IMDB", "--data_dir", imdb, "--model_path", models.short],
+              "train/pos: no reviews (*.txt) of class 'pos'"),
+             (pretrain.main, ["--model_path", models.short, "--data_dir", wiki, "--cache_dir", tmp_path / "cache"],
+              "wiki.valid.raw: no text"),
+             (wikihop.main, ["--model_path", models.short, "--train_data", no_records, "--val_data", no_records],
+              "train.json: no records")]
+    for main, argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli(main, list(map(str, argv)))
+        assert exit_.value.code == 1 and expected in capsys.readouterr().err
 
 
 def test_longformer_tasks_refuse_a_short_model(models, tmp_path, capsys):

@@ -4,7 +4,8 @@ Errors
 ------
 ``DataFormatError(ValueError)``
     A dataset file is malformed. The message starts with the file and the record:
-    ``"<file>: line 7: <problem>"`` or ``"<file>: id '42': <problem>"``.
+    ``"<file>: line 7: <problem>"`` or ``"<file>: id '42': <problem>"``. A problem of several
+    files together (the shards of a split) names them all: ``"<file>, <file>: <problem>"``.
 ``DatasetNotFoundError(FileNotFoundError)``
     The expected files are not where the user pointed. The message lists the expected
     file names, the folders searched and where the dataset is published.
@@ -18,6 +19,21 @@ Other helpers
     The file's text; bytes that are not UTF-8 -> ``DataFormatError`` naming the byte offset.
 ``read_jsonl(path) -> list[tuple[int, dict]]``
     ``(line_number, record)`` pairs, blank lines skipped, bad JSON -> ``DataFormatError``.
+``read_json(path) -> object``
+    The file's JSON value; an empty file or bad JSON -> ``DataFormatError``.
+
+Checks (each raises ``DataFormatError`` naming the file; the loaders call them before tokenizing
+where they can, so no work is lost and no empty cache is written)
+``require_examples(examples, path, record=None, what="examples")``
+    A split or record list with nothing in it.
+``require_every_class(labels, classes, path, record=None)``
+    ``classes`` = ``{label: name}``; a class without an example. The loaders ask it of the
+    training split: trained on one class, a classifier learns to answer that class and a run
+    would finish "successfully". Evaluation splits may hold one class (a small dev or test set
+    can), but never none.
+``require_tokens(n_tokens, n_chars, tokenizer, path)``
+    Text of ``n_chars`` characters that the tokenizer turned into no tokens at all: the
+    tokenizer (named) does not fit the text.
 ``hash_holdout(examples, fraction, key) -> (kept, held_out)``
     A deterministic hold-out that depends only on each example's content, so every
     published format of a dataset yields the same split.
@@ -39,7 +55,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, Sized, TypeVar
 
 import datasets
 
@@ -58,8 +74,11 @@ _SPLIT_ALIASES = {
 class DataFormatError(ValueError):
     """A dataset file is malformed; the message names the file and the record."""
 
-    def __init__(self, path: str | Path, record: str | None, problem: str):
-        """``record`` says which record, e.g. ``"line 7"`` or ``"id '42'"``; None for the whole file."""
+    def __init__(self, path: str | Path | Sequence[str | Path], record: str | None, problem: str):
+        """``record`` says which record, e.g. ``"line 7"`` or ``"id '42'"``; None for the whole file.
+        ``path`` may be a list: the files that together hold the data in question."""
+        if not isinstance(path, (str, Path)):
+            path = ", ".join(map(str, path))
         where = f"{path}" if record is None else f"{path}: {record}"
         super().__init__(f"{where}: {problem}")
         self.path = str(path)
@@ -103,6 +122,35 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             raise DataFormatError(path, f"line {line_number}", "expected a JSON object")
         records.append((line_number, record))
     return records
+
+
+def read_json(path: str | Path):
+    text = read_utf8(path)
+    if not text.strip():
+        raise DataFormatError(path, None, "empty file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
+
+
+def require_examples(examples: Sized, path, record: str | None = None, what: str = "examples") -> None:
+    if len(examples) == 0:
+        raise DataFormatError(path, record, f"no {what}")
+
+
+def require_every_class(labels: Iterable[int], classes: dict[int, str], path, record: str | None = None) -> None:
+    present = set(labels)
+    missing = [f"{label} ({name!r})" for label, name in sorted(classes.items()) if label not in present]
+    if missing:
+        raise DataFormatError(path, record, f"no example of class {', '.join(missing)}: a classifier trained "
+                                            "without it only learns to answer the other class(es)")
+
+
+def require_tokens(n_tokens: int, n_chars: int, tokenizer, path) -> None:
+    if n_tokens == 0:
+        raise DataFormatError(path, None, f"the tokenizer {tokenizer.name_or_path!r} yields no tokens for this text "
+                                          f"({n_chars} characters): its vocabulary does not fit the text")
 
 
 def hash_holdout(examples: Sequence[T], fraction: float, key: Callable[[T], str]) -> tuple[list[T], list[T]]:

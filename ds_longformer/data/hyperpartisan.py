@@ -35,24 +35,34 @@ API
 ``clean_text(text) -> str``
 Errors: ``common.DatasetNotFoundError`` for missing files; ``common.DataFormatError``
 naming the file and record for a missing id or field, an empty article, an unknown label,
-a label file whose ids differ from the articles', and split ids that are unknown or repeated.
+a label file whose ids differ from the articles', split ids that are unknown or repeated, a
+split without examples, and a training split without one of the two classes. A dev or test
+split of one class is accepted: the published dev and test splits hold 64 and 65 articles, and a
+small evaluation set may lack a class without being wrong (accuracy still means what it says).
 """
 
 from __future__ import annotations
 
 import html
-import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .common import DataFormatError, DatasetNotFoundError, read_jsonl, read_utf8
+from .common import (
+    DataFormatError,
+    DatasetNotFoundError,
+    read_json,
+    read_jsonl,
+    require_every_class,
+    require_examples,
+)
 
 ARTICLES_FILE = "articles-training-byarticle-20181122.xml"
 LABELS_FILE = "ground-truth-training-byarticle-20181122.xml"
 SPLITS_FILE = "hp-splits.json"
 SPLITS = ("train", "dev", "test")
 _LABELS = {"true": 1, "false": 0}
+_CLASSES = {label: name for name, label in _LABELS.items()}
 _EXPECTED = (
     f"{ARTICLES_FILE}, {LABELS_FILE} and {SPLITS_FILE}; or train.jsonl, dev.jsonl, test.jsonl "
     '(lines {"text", "label": "true"|"false", "id"})'
@@ -158,10 +168,7 @@ def _preview(ids) -> str:
 
 
 def _read_splits(path: Path, known: set[str]) -> dict[str, list[str]]:
-    try:
-        raw = json.loads(read_utf8(path))
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise DataFormatError(path, None, 'expected {"train": [ids], "dev": [ids], "test": [ids]}')
     splits, seen = {}, {}
@@ -180,6 +187,13 @@ def _read_splits(path: Path, known: set[str]) -> dict[str, list[str]]:
     return splits
 
 
+def _check_splits(labels: dict[str, list[int]], where) -> None:
+    """Every split has examples and train has both classes; ``where(split)`` -> (file, record)."""
+    for split, split_labels in labels.items():
+        require_examples(split_labels, *where(split))
+    require_every_class(labels["train"], _CLASSES, *where("train"))
+
+
 def _load_xml(data_dir: Path) -> dict[str, list[dict]]:
     articles_path, labels_path, splits_path = data_dir / ARTICLES_FILE, data_dir / LABELS_FILE, data_dir / SPLITS_FILE
     missing = [p.name for p in (articles_path, labels_path, splits_path) if not p.is_file()]
@@ -195,6 +209,8 @@ def _load_xml(data_dir: Path) -> dict[str, list[dict]]:
             problems.append(f"labels of unknown articles: {_preview(labels.keys() - articles.keys())}")
         raise DataFormatError(labels_path, None, f"ids do not match {ARTICLES_FILE}: " + "; ".join(problems))
     splits = _read_splits(splits_path, set(articles))
+    _check_splits({split: [labels[key] for key in ids] for split, ids in splits.items()},
+                  lambda split: (splits_path, f"split {split!r}"))
     return {
         split: [{"text": articles[key], "label": labels[key], "id": key} for key in ids]
         for split, ids in splits.items()
@@ -220,6 +236,8 @@ def _load_jsonl(data_dir: Path) -> dict[str, list[dict]]:
             seen.add(key)
             examples.append({"text": text, "label": _parse_label(record["label"], path, where), "id": key})
         result[split] = examples
+    _check_splits({split: [ex["label"] for ex in examples] for split, examples in result.items()},
+                  lambda split: (data_dir / f"{split}.jsonl", None))
     return result
 
 

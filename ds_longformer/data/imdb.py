@@ -23,7 +23,10 @@ API
     Keys ``"train"``, ``"dev"``, ``"test"``; each example ``{"text": str, "label": int
     (0/1), "id": str}``. Feed them to ``classification.encode_classification``.
 Missing files raise ``common.DatasetNotFoundError``; an empty review, a missing column or
-an unknown label raises ``common.DataFormatError`` naming the file and the row.
+an unknown label raises ``common.DataFormatError`` naming the file and the row, and so does data
+that would train or evaluate on nothing: a class folder without reviews (``train/pos`` ...), a
+split without examples (a dev hold-out that rounds to none included), a training split without
+one of the classes (``common.require_every_class``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .common import DataFormatError, DatasetNotFoundError, canonical_split, hash_holdout, read_utf8
+from .common import (
+    DataFormatError,
+    DatasetNotFoundError,
+    canonical_split,
+    hash_holdout,
+    read_utf8,
+    require_every_class,
+    require_examples,
+)
 
 _LABELS = {"neg": 0, "pos": 1}
+_CLASSES = {label: name for name, label in _LABELS.items()}
 _EXPECTED = (
     "aclImdb/train/{pos,neg}/*.txt and aclImdb/test/{pos,neg}/*.txt, or the parquet files "
     "train-*.parquet and test-*.parquet (columns text, label)"
@@ -61,7 +73,9 @@ def _read_folders(root: Path) -> dict[str, list[dict]]:
             folder = root / split / polarity
             if not folder.is_dir():
                 raise DatasetNotFoundError(f"IMDB folder {split}/{polarity}", [root], _EXPECTED, _SOURCE)
-            for f in sorted(folder.glob("*.txt")):
+            reviews = sorted(folder.glob("*.txt"))
+            require_examples(reviews, folder, what=f"reviews (*.txt) of class {polarity!r}")
+            for f in reviews:
                 text = read_utf8(f)
                 if not text.strip():
                     raise DataFormatError(f, None, "empty review")
@@ -108,13 +122,21 @@ def load_imdb(data_dir: str | Path, dev_fraction: float = 0.1) -> dict[str, list
     root = _folder_root(data_dir)
     if root is not None:
         splits = _read_folders(root)
+        sources = {split: root / split for split in splits}
     else:
         files = _parquet_files(data_dir)
         if "train" not in files or "test" not in files:
             raise DatasetNotFoundError("IMDB", [data_dir], _EXPECTED, _SOURCE)
         splits = {split: _read_parquet_split(split, paths) for split, paths in files.items()}
+        sources = files
+    for split, examples in splits.items():
+        require_examples(examples, sources[split])
+    require_every_class((ex["label"] for ex in splits["train"]), _CLASSES, sources["train"])
     if "validation" in splits:
         splits["dev"] = splits.pop("validation")
     else:
+        n_train = len(splits["train"])
         splits["train"], splits["dev"] = hash_holdout(splits["train"], dev_fraction, key=lambda ex: ex["text"])
+        require_examples(splits["dev"], sources["train"], what=f"dev examples (holding out {dev_fraction:g} of "
+                                                               f"{n_train} training reviews leaves none)")
     return {name: splits[name] for name in ("train", "dev", "test")}

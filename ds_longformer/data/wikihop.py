@@ -72,7 +72,9 @@ API
     one example and the result is ``(n_candidates,)``.
 Errors: ``common.DatasetNotFoundError`` for a missing file; ``common.DataFormatError``
 naming the file and the record (id, or position when the id is missing) for a missing
-field, an answer not among the candidates, no supports or an empty support document.
+field, an answer not among the candidates, no supports or an empty support document; naming
+the file for an empty file or record list, and (``load_wikihop``, before caching) with the
+tokenizer for a tokenizer that turns all of the file's text into no tokens.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ from .common import (
     DataFormatError,
     DatasetNotFoundError,
     cached_dataset,
-    read_utf8,
+    read_json,
+    require_examples,
+    require_tokens,
     sequence_bounds,
     tokenizer_fingerprint,
 )
@@ -173,12 +177,10 @@ def load_wikihop_json(path: str | Path) -> list[WikiHopExample]:
             "qangaroo_v1.1/wikihop/train.json and dev.json (JSON lists of {id, query, answer, candidates, supports})",
             _SOURCE,
         )
-    try:
-        records = json.loads(read_utf8(path))
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
+    records = read_json(path)
     if not isinstance(records, list):
         raise DataFormatError(path, None, "expected a JSON list of records")
+    require_examples(records, path, what="records (an empty list)")
     return [_validate(record, index, path) for index, record in enumerate(records)]
 
 
@@ -276,12 +278,23 @@ def tokenize_wikihop(examples: Sequence[WikiHopExample], tokenizer, num_proc: in
     )
 
 
+def _tokenize_file(path: Path, tokenizer, num_proc: int | None) -> datasets.Dataset:
+    examples = load_wikihop_json(path)
+    dataset = tokenize_wikihop(examples, tokenizer, num_proc)
+    n_chars = sum(len(text) for ex in examples for text in [ex.query, *ex.candidates, *ex.supports])
+    # Not the text's: start [q] [/q] end, [ent] [/ent] around each candidate, an end between supports.
+    n_markers = sum(4 + 2 * len(ex.candidates) + len(ex.supports) - 1 for ex in examples)
+    n_tokens = sum(map(len, dataset["prefix_ids"])) + sum(map(len, dataset["support_ids"])) - n_markers
+    require_tokens(n_tokens, n_chars, tokenizer, path)
+    return dataset
+
+
 def load_wikihop(
     path: str | Path, tokenizer, cache_dir: str | Path | None = None, num_proc: int | None = None
 ) -> datasets.Dataset:
     path = Path(path)
     if cache_dir is None or not path.is_file():  # a missing file gets load_wikihop_json's message
-        return tokenize_wikihop(load_wikihop_json(path), tokenizer, num_proc)
+        return _tokenize_file(path, tokenizer, num_proc)
     stat = path.stat()
     description = json.dumps(
         [_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, tokenizer_fingerprint(tokenizer)]
@@ -289,7 +302,7 @@ def load_wikihop(
     key = hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
 
     def build():
-        dataset = tokenize_wikihop(load_wikihop_json(path), tokenizer, num_proc)
+        dataset = _tokenize_file(path, tokenizer, num_proc)
         return dataset, {"source": str(path), "tokenizer": tokenizer.name_or_path, "examples": len(dataset)}
 
     dataset, _ = cached_dataset(Path(cache_dir) / f"wikihop-{path.stem}-{key}", build)

@@ -54,7 +54,9 @@ num_proc=None) -> dict[str, WikiTextSplit]``
     (ready for ``mlm.MLMCollator``), ``.n_chars`` and ``.n_tokens`` as above.
 ``bits_per_character(loss_per_token, n_tokens, n_chars) -> float``
 Missing files raise ``common.DatasetNotFoundError``; unreadable ones
-``common.DataFormatError`` naming the file (and line or row).
+``common.DataFormatError`` naming the file (and line or row), as do a split whose files hold
+no text (empty, or only blank lines; found before tokenizing) and a tokenizer that turns the
+text into no tokens (found before the blocks are cut or cached).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from .common import (
     DatasetNotFoundError,
     cached_dataset,
     canonical_split,
+    require_tokens,
     sequence_bounds,
     tokenizer_fingerprint,
 )
@@ -180,6 +183,18 @@ def _read_parquet(path: Path) -> pa.Table:
     return pa.table({"text": text.cast(pa.large_string())})
 
 
+def _has_text(path: Path) -> bool:
+    """Whether the file holds a character other than whitespace; a text file is read only up to it."""
+    if path.suffix == ".parquet":
+        longest = pc.max(pc.utf8_length(pc.utf8_trim_whitespace(_read_parquet(path).column("text")))).as_py()
+        return bool(longest)  # None when there are no rows
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes are _read_lines' to report
+        while chunk := f.read(1 << 16):
+            if not chunk.isspace():
+                return True
+    return False
+
+
 def read_wikitext(files: Iterable[str | Path]) -> pa.Table:
     tables = []
     for f in map(Path, files):
@@ -229,6 +244,7 @@ def _tokenize_split(files: Sequence[Path], tokenizer, max_seq_len: int, num_proc
         desc="Tokenizing WikiText",
     )
     ids = pc.list_flatten(tokenized.data.column("input_ids")).to_numpy()
+    require_tokens(len(ids), n_chars, tokenizer, files)
     start, end = sequence_bounds(tokenizer)
     blocks = datasets.Dataset(pa.table({"input_ids": _blocks(ids, max_seq_len, start, end)}))
     return blocks, n_chars, len(ids)
@@ -272,15 +288,19 @@ def load_wikitext(
     if max_seq_len < 3:
         raise ValueError(f"max_seq_len must leave room for start, end and one token, got {max_seq_len}")
     found = find_wikitext_files(path)
-    result = {}
+    files = {}
     for name in splits:
         split = canonical_split(name)
         if split not in found:
             raise DatasetNotFoundError(
                 f"WikiText-103 split {name!r}", [path], f"{_EXPECTED} (found splits: {sorted(found)})", _SOURCE
             )
-        result[split] = _load_split(found[split], split, tokenizer, max_seq_len, cache_dir, num_proc)
-    return result
+        files[split] = found[split]
+    for split_files in files.values():  # every split, before tokenizing any (train takes long)
+        if not any(map(_has_text, split_files)):
+            raise DataFormatError(split_files, None, "no text (empty, or only blank lines)")
+    return {split: _load_split(split_files, split, tokenizer, max_seq_len, cache_dir, num_proc)
+            for split, split_files in files.items()}
 
 
 def bits_per_character(loss_per_token: float, n_tokens: int, n_chars: int) -> float:
