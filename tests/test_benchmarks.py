@@ -1,5 +1,7 @@
 """Benchmark CLIs at tiny sizes on CPU: each runs, prints its table and writes JSON of the expected
 shape (no timing assertions). Also the longest-sequence search and launch/gpu_check.sh.
+Every run names its precision and sizes: what a test measures must not depend on the CPU model
+(a default may; test_train_step_default_precisions_do_not_depend_on_the_cpu checks the one that did).
 The CLI runs are independent and start together (fixture `cli`), so the file takes about as long
 as the slowest of them."""
 
@@ -23,16 +25,17 @@ TINY_MODEL = [*TINY, "--layers", "1", "--intermediate", "64", "--vocab", "100", 
 
 # Independent CLI runs, all started at once by the `cli` fixture: name -> (benchmark, flags).
 RUNS = {
-    "attention": ("attention", [*TINY, "--seq_lens", "64", "--windows", "16", "32", "--impls", "hf", "blocked",
-                                "--repeats", "3", "--rounds", "2"]),
-    "train_step": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "on", "--steps", "1",
-                                  "--warmup", "1", "--warmup_len", "32", "--rounds", "2"]),
-    "longest": ("longest_sequence", [*TINY_MODEL, "--start", "64", "--max_len", "64", "--budget_gib", "2",
-                                     "--warmup_len", "32"]),
-    "over_budget": ("longest_sequence", [*TINY_MODEL, "--impls", "ours", "--start", "16", "--budget_gib", "0.001"]),
+    "attention": ("attention", [*TINY, "--dtype", "float32", "--seq_lens", "64", "--windows", "16", "32",
+                                "--impls", "hf", "blocked", "--repeats", "3", "--rounds", "2"]),
+    "train_step": ("train_step", [*TINY_MODEL, "--precisions", "fp32", "--seq_len", "64", "--checkpointing", "on",
+                                  "--steps", "1", "--warmup", "1", "--warmup_len", "32", "--rounds", "2"]),
+    "longest": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--start", "64", "--max_len", "64",
+                                     "--budget_gib", "2", "--warmup_len", "32"]),
+    "over_budget": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--impls", "ours", "--start", "16",
+                                         "--budget_gib", "0.001"]),
     "fp16_on_cpu": ("train_step", ["--device", "cpu", "--precisions", "fp16"]),
-    "masked_head": ("train_step", [*TINY_MODEL, "--seq_len", "64", "--checkpointing", "off", "--steps", "1",
-                                   "--warmup", "1", "--warmup_len", "32", "--rounds", "1",
+    "masked_head": ("train_step", [*TINY_MODEL, "--precisions", "fp32", "--seq_len", "64", "--checkpointing", "off",
+                                   "--steps", "1", "--warmup", "1", "--warmup_len", "32", "--rounds", "1",
                                    "--impls", "ours", "hf", "hf_masked"]),
 }
 
@@ -137,6 +140,24 @@ def test_search_stops_on_a_worker_failure_that_is_not_memory(monkeypatch):
     oom = lambda module, spec, threads, timeout: {**spec, "error": "out of memory"}  # noqa: E731
     monkeypatch.setattr(longest_sequence, "run_worker", oom)
     assert longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 4096, 60, report=lambda r: None)[0] is None
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_train_step_default_precisions_do_not_depend_on_the_cpu(monkeypatch, tmp_path, capsys, native_bf16):
+    """On a CPU with avx512_bf16/AMX the default used to add bf16 runs (and the CLI tests failed there)."""
+    from ds_longformer.benchmarks import train_step
+
+    measured = []
+
+    def fake_worker(module, spec, threads, timeout):
+        measured.append(spec["precision"])
+        return {**spec, "error": "not run"}
+
+    monkeypatch.setattr(train_step, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(train_step, "run_worker", fake_worker)
+    train_step.main([*TINY_MODEL, "--checkpointing", "off", "--rounds", "1", "--json", str(tmp_path / "out.json")])
+    assert measured == ["fp32", "fp32"]  # ours and hf
+    assert f"this CPU has {'' if native_bf16 else 'no '}native bf16" in capsys.readouterr().out
 
 
 def test_train_step_refuses_fp16_on_cpu(cli):
