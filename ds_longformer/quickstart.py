@@ -24,6 +24,10 @@ Output folder (``--output_dir``, default ``quickstart_out``):
                          best_model/ and final_model/ (``tensorboard --logdir quickstart_out``)
     learning_curves.png  training loss and held-out accuracy of both runs against the step
     results.json         the table's numbers
+
+A folder that is not empty is refused before any work (a second run would append to the first
+one's metrics and events: the table would sum both runs' times); ``--overwrite`` first deletes a
+previous run's files above, and refuses a folder that holds anything else.
 """
 
 from __future__ import annotations
@@ -45,10 +49,11 @@ from .convert import convert
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
 from .quickstart_data import filler_sentences, make_documents
-from .tasks_common import accuracy_stats, add_local_rank_arg, reduce_accuracy
+from .tasks_common import TaskError, accuracy_stats, add_local_rank_arg, cli, reduce_accuracy
 from .trainer import Trainer, TrainerArgs, init_distributed, seed_everything
 
 EVIDENCE_MARGIN = 1.2  # evidence starts past 1.2 x the short model's length (token 614 for 512)
+OUTPUTS = ("long_model", "long", "short", "learning_curves.png", "results.json")  # what a run writes
 
 
 def default_model_path() -> str:
@@ -79,7 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--deepspeed_config", default=None,
                    help="a name in ds_configs/ or a JSON path (default: cpu on CPU, zero2 on GPU)")
-    p.add_argument("--output_dir", default="quickstart_out")
+    p.add_argument("--output_dir", default="quickstart_out", help="an empty or new folder (default quickstart_out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="first delete a previous quickstart run's files from --output_dir (" + ", ".join(OUTPUTS)
+                        + "); a folder holding anything else is left alone and refused")
     add_local_rank_arg(p)
     return p.parse_args(argv)
 
@@ -104,6 +112,31 @@ class Reporter:
     def print(self, line: str = "") -> None:
         if self.enabled:
             print(line, flush=True)
+
+
+def prepare_output_dir(out: Path, overwrite: bool, rank: int) -> None:
+    """Refuse a non-empty --output_dir (TaskError), or with --overwrite let rank 0 delete a previous
+    run's files. Every rank decides alike: no rank writes there before the conversion's barrier."""
+    if out.exists() and not out.is_dir():
+        raise TaskError(f"--output_dir {out} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise TaskError(f"--output_dir {out} is not empty ({', '.join(entries[:5])}"
+                        f"{' ...' if len(entries) > 5 else ''}): this run's metrics and events would mix with "
+                        "the earlier ones. Pass --overwrite to delete a previous quickstart run's files first, "
+                        "or choose another --output_dir")
+    foreign = [name for name in entries if name not in OUTPUTS]
+    if foreign:
+        raise TaskError(f"--output_dir {out} holds files a quickstart run does not write ({', '.join(foreign[:5])}): "
+                        "--overwrite deletes only a previous run's files; choose another --output_dir")
+    if rank == 0:
+        for path in (out / name for name in entries):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 # ---- step 1 -------------------------------------------------------------------------------------
@@ -219,10 +252,11 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     rank, world = init_distributed()
+    out = Path(args.output_dir)
+    prepare_output_dir(out, args.overwrite, rank)
     report = Reporter(rank == 0)
     if rank != 0:
         datasets.disable_progress_bars()  # one set of bars is enough
-    out = Path(args.output_dir)
     model_path = args.model_path or default_model_path()
     long_dir = out / "long_model"
     short_len = LongformerModel.from_pretrained(model_path).config.max_tokens
@@ -286,4 +320,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -67,14 +67,22 @@ def test_documents_put_the_evidence_past_the_short_model(minilm_path):
         make_documents(tokenizer, 2, 1000, 614, evidence_sentences=16, progress=False)
 
 
-def test_quickstart_end_to_end(tmp_path, tiny_bert):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ds_longformer.quickstart", "--model_path", str(tiny_bert), "--max_seq_len", "256",
-           "--attention_window", "32", "--num_docs", "8", "--eval_docs", "4", "--evidence_sentences", "2",
-           "--steps", "4", "--evals", "2",
-           "--batch_size", "2", "--output_dir", str(out)]
+def run_quickstart(cwd, *args, timeout=300) -> subprocess.CompletedProcess:
     env = clean_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "ds_longformer.quickstart", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quickstart_end_to_end(tmp_path, tiny_bert):
+    """Run into a folder holding an earlier run's files, with --overwrite: they are gone (the old
+    code appended to the earlier metrics and events)."""
+    out = tmp_path / "out"
+    (out / "long").mkdir(parents=True)
+    (out / "long" / "metrics.jsonl").write_text(json.dumps({"step": 30, "epoch": 0, "accuracy": 0.5}) + "\n")
+    (out / "results.json").write_text("{}")
+    proc = run_quickstart(tmp_path, "--model_path", tiny_bert, "--max_seq_len", "256", "--attention_window", "32",
+                          "--num_docs", "8", "--eval_docs", "4", "--evidence_sentences", "2", "--steps", "4",
+                          "--evals", "2", "--batch_size", "2", "--output_dir", out, "--overwrite")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = proc.stdout
 
@@ -103,11 +111,25 @@ def test_quickstart_end_to_end(tmp_path, tiny_bert):
         assert not (out / run / "checkpoints").exists()
 
 
+def test_a_non_empty_output_folder_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "quickstart_out"
+    (out / "long").mkdir(parents=True)
+    proc = run_quickstart(tmp_path, "--model_path", tmp_path / "no_model", timeout=120)  # default --output_dir
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: --output_dir quickstart_out is not empty (long)" in proc.stderr and "--overwrite" in proc.stderr
+
+    (out / "notes.txt").write_text("mine")
+    proc = run_quickstart(tmp_path, "--model_path", tmp_path / "no_model", "--overwrite", timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "holds files a quickstart run does not write (notes.txt)" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["long", "notes.txt"]  # nothing deleted
+
+
 def test_help_lists_the_scaling_flags():
     proc = subprocess.run([sys.executable, "-m", "ds_longformer.quickstart", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--max_seq_len", "--num_docs", "--steps", "--model_path", "--output_dir"):
+    for flag in ("--max_seq_len", "--num_docs", "--steps", "--model_path", "--output_dir", "--overwrite"):
         assert flag in proc.stdout
 
 
