@@ -77,7 +77,14 @@ from . import flops
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+def find_config_dir() -> Path:
+    """ds_configs/: packaged inside ds_longformer/ by `pip install .`, beside it in a checkout (and an
+    editable install)."""
+    package = Path(__file__).resolve().parent
+    return package / "ds_configs" if (package / "ds_configs").is_dir() else package.parent / "ds_configs"
+
+
+CONFIG_DIR = find_config_dir()
 CKPT_PREFIX = "global_step"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: marks it complete
 BEST_STEP_FILE = "best_step.json"  # in best_model/: the step whose weights it holds
