@@ -118,11 +118,22 @@ def test_a_non_empty_output_folder_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: --output_dir quickstart_out is not empty (long)" in proc.stderr and "--overwrite" in proc.stderr
 
-    (out / "notes.txt").write_text("mine")
-    proc = run_quickstart(tmp_path, "--model_path", tmp_path / "no_model", "--overwrite", timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "holds files a quickstart run does not write (notes.txt)" in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["long", "notes.txt"]  # nothing deleted
+
+def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
+    from ds_longformer.quickstart import prepare_output_dir
+    from ds_longformer.tasks_common import TaskError
+
+    (tmp_path / "long_model").mkdir()
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(TaskError, match=r"holds files a quickstart run does not write \(notes.txt\)"):
+        prepare_output_dir(tmp_path, overwrite=True, rank=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long_model", "notes.txt", "results.json"]
+    (tmp_path / "notes.txt").unlink()
+    prepare_output_dir(tmp_path, overwrite=True, rank=1)  # only rank 0 deletes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long_model", "results.json"]
+    prepare_output_dir(tmp_path, overwrite=True, rank=0)
+    assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_the_scaling_flags():
