@@ -77,7 +77,6 @@ field, an answer not among the candidates, no supports or an empty support docum
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +90,7 @@ from .collate import pad_batch
 from .common import (
     DataFormatError,
     DatasetNotFoundError,
+    cache_key,
     cached_dataset,
     read_utf8,
     sequence_bounds,
@@ -283,10 +283,8 @@ def load_wikihop(
     if cache_dir is None or not path.is_file():  # a missing file gets load_wikihop_json's message
         return tokenize_wikihop(load_wikihop_json(path), tokenizer, num_proc)
     stat = path.stat()
-    description = json.dumps(
-        [_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, tokenizer_fingerprint(tokenizer)]
-    )
-    key = hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
+    key = cache_key(_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                    tokenizer_fingerprint(tokenizer))
 
     def build():
         dataset = tokenize_wikihop(load_wikihop_json(path), tokenizer, num_proc)
