@@ -12,6 +12,9 @@ Roberta: the short model with the same classification head, full attention, inpu
 512 tokens. Data (--data_dir, default ./data/<dataset in lower case>, e.g. ./data/hyperpartisan): see ds_longformer.data.imdb and
 ds_longformer.data.hyperpartisan for the accepted published layouts.
 
+The tokenized splits are cached under --cache_dir (rank 0 tokenizes, the other ranks and later
+runs read the cache; keyed by the tokenizer, the examples' text and labels, and the input length).
+
 Metrics: accuracy, F1 of the positive class (f1; IMDB: positive review, Hyperpartisan: "true")
 and the mean F1 of both classes (f1_macro), on dev at every --val_check_interval steps and on test
 once training ends (printed and appended to metrics.jsonl as test/accuracy, test/f1,
@@ -26,8 +29,10 @@ import json
 from . import LongformerForSequenceClassification
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
+from .data.common import tokenizer_fingerprint
 from .data.hyperpartisan import load_hyperpartisan
 from .data.imdb import load_imdb
+from .engine import Trainer, TrainerArgs, seed_everything, setup_logging
 from .tasks_common import (
     SHORT_MODEL,
     TaskError,
@@ -36,11 +41,10 @@ from .tasks_common import (
     load_baseline,
     load_longformer,
     load_tokenizer,
-    log_record,
     reduce_accuracy,
     task_parser,
+    tokenized_once,
 )
-from .trainer import Trainer, TrainerArgs, seed_everything
 
 DATASETS = {  # name -> (loader, id2label)
     "IMDB": (load_imdb, {0: "negative", 1: "positive"}),
@@ -81,9 +85,20 @@ def reduce_classification(totals: dict) -> dict:
     return {**reduce_accuracy(totals), "f1": f1, "f1_macro": (f1 + f1_negative) / 2}
 
 
+def encode_split(args, name: str, examples: list[dict], tokenizer, max_len: int):
+    """One split, tokenized once (tasks_common.tokenized_once) for this tokenizer, data and length."""
+    global_first = args.model == "Longformer"  # global attention on <s>; none for the baseline (exactly RoBERTa)
+    content = [(ex["text"], ex["label"], str(ex["id"])) for ex in examples]
+    key = [1, tokenizer_fingerprint(tokenizer), max_len, global_first, content]
+    return tokenized_once(args.cache_dir, f"classify-{args.dataset.lower()}-{name}", key,
+                          lambda: encode_classification(examples, tokenizer, max_len, num_proc=args.num_workers or None,
+                                                        global_first=global_first))
+
+
 def main(argv=None) -> dict:
     """Train and test; returns the trainer's summary plus ``test_metrics``."""
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     if args.model == "Longformer" and not args.model_path:
         raise TaskError("--model Longformer needs --model_path: the folder of a Longformer (e.g. the "
                         "--save_model_to folder of ds_longformer.pretrain)")
@@ -96,9 +111,7 @@ def main(argv=None) -> dict:
     model, max_len = load_model(LongformerForSequenceClassification, model_path, args.max_seq_len,
                                 num_labels=len(id2label), id2label=id2label)
     tokenizer = load_tokenizer(args.tokenizer_name or model_path)
-    # Global attention on <s> for the Longformer; none for the baseline, which must stay exactly RoBERTa.
-    encoded = {split: encode_classification(examples[split], tokenizer, max_len, num_proc=args.num_workers or None,
-                                            global_first=args.model == "Longformer")
+    encoded = {split: encode_split(args, split, examples[split], tokenizer, max_len)
                for split in ("train", "dev", "test")}
 
     trainer = Trainer(model, TrainerArgs.from_namespace(args), encoded["train"], encoded["dev"],
@@ -106,7 +119,7 @@ def main(argv=None) -> dict:
                       reduce_metrics=reduce_classification, tokenizer=tokenizer)
     summary = trainer.fit()
     test = {f"test/{k}": v for k, v in trainer.evaluate(encoded["test"]).items()}
-    log_record(trainer, test)
+    trainer.log_record(test)
     if trainer.rank == 0:
         print(json.dumps({"model": args.model, "dataset": args.dataset, "max_seq_len": max_len, **test}))
     return {**summary, "test_metrics": test}

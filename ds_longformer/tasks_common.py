@@ -1,59 +1,59 @@
 """Command-line glue shared by the task programs (pretrain, classify, wikihop).
 
 * ``task_parser(task, description, **defaults)``: the trainer's flags plus the flags every task has
-  (``--model_path``, ``--tokenizer_name``, ``--max_seq_len``), with the task's defaults.
+  (``--model_path``, ``--tokenizer_name``, ``--max_seq_len``, ``--cache_dir``), with the task's defaults.
 * ``resolve_model_path`` / ``load_tokenizer``: a local Hugging Face folder, or a hub name
   (downloaded only where a network exists; nothing is fetched for a local folder).
 * ``load_longformer(cls, path, max_seq_len)``: a Longformer folder and the input length to use.
   ``load_baseline(cls, path)``: the RoBERTa baseline -- the short model through our classes with
   its own position table and a window spanning all of it (full attention, i.e. exactly RoBERTa),
   inputs truncated to 512 tokens.
-* ``rank_zero_first()``: build a dataset cache on rank 0 before the other ranks read it.
-* ``log_record(trainer, metrics)``: extra records (the step-0 report, test metrics) in the run's
-  ``metrics.jsonl`` and TensorBoard, next to the trainer's validation records.
+* ``tokenized_once(cache_dir, name, key, build)``: a tokenized dataset built once per key (rank 0
+  first, then the other ranks and later runs load it from the cache).
 * ``accuracy_stats`` / ``reduce_accuracy``: the trainer's metric hooks for label predictions.
 * ``model_loader``: marks a function that reads a model folder; its FileNotFoundError/ValueError
   (no config.json, weights that do not fit the config, an impossible window) become TaskErrors.
 * ``cli(main)``: run a task's ``main`` as a program; user errors (a missing dataset, a malformed
-  file, a wrong model folder) print their message and exit with status 1, without a traceback.
+  file, a wrong model folder, a bad DeepSpeed config or launch) print their message and exit with
+  status 1, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import json
 import sys
 from pathlib import Path
-
-import torch.distributed as dist
+from typing import Callable
 
 from .checkpoint import read_config_json
 from .data import DataFormatError, DatasetNotFoundError
-from .trainer import add_trainer_args, init_distributed
+from .data.common import cache_key, cached_dataset
+from .engine import UserError, add_trainer_args, rank_zero_first
 
 BASELINE_MAX_LEN = 512  # the RoBERTa baseline reads at most this many tokens (the paper's setting)
 SHORT_MODEL = "distilbert/distilroberta-base"  # the seed scripts' short model and tokenizer
 
 
-class TaskError(Exception):
+class TaskError(UserError):
     """A user error the task reports as a message (wrong model folder, impossible lengths...)."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each flag's default and the task's docstring as written."""
 
 
 def task_parser(task: str, description: str, **defaults) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m ds_longformer.{task}", description=description,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--model_path", default=None,
                    help="a local Hugging Face folder, or a hub name where a network exists")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub name; None: --model_path's")
     g.add_argument("--max_seq_len", type=int, default=None,
                    help="input length in tokens" + ("" if "max_seq_len" in defaults else "; None: the model's"))
+    g.add_argument("--cache_dir", default="./data",
+                   help="where tokenized datasets are cached (one folder per tokenizer, data and length)")
     add_local_rank_arg(parser)
     add_trainer_args(parser)
     parser.set_defaults(**defaults)
@@ -128,36 +128,13 @@ def load_baseline(cls, path: str | Path, max_seq_len: int | None = None, **overr
     return model, max_len
 
 
-@contextlib.contextmanager
-def rank_zero_first():
-    """Rank 0 runs the block first (e.g. tokenizes and writes a cache), then the other ranks do
-    (reading the cache). If rank 0 fails, the others still run it and fail the same way."""
-    rank, _ = init_distributed()
-    if rank != 0:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if rank == 0:
-            dist.barrier()
-
-
-def log_record(trainer, metrics: dict, step: int | None = None) -> None:
-    """Append ``{"step", "epoch", **metrics}`` to metrics.jsonl and write the values to TensorBoard
-    (rank 0 only). As in the trainer's own records, an unprefixed name is a validation metric
-    (TensorBoard tag ``val/<name>``); a prefixed one (``test/f1``) is its own tag."""
-    if trainer.rank != 0:
-        return
-    from torch.utils.tensorboard import SummaryWriter
-
-    step = trainer.global_step if step is None else step
-    metrics = {k: float(v) for k, v in metrics.items()}
-    trainer.run_dir.mkdir(parents=True, exist_ok=True)
-    with (trainer.run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "epoch": trainer.epoch, **metrics}) + "\n")
-    with SummaryWriter(str(trainer.run_dir)) as writer:
-        for name, value in metrics.items():
-            writer.add_scalar(name if "/" in name else f"val/{name}", value, step)
+def tokenized_once(cache_dir: str | Path, name: str, key: list, build: Callable):
+    """``build()`` (a ``datasets.Dataset``) once per ``key`` (what the result depends on: tokenizer,
+    data, length...): rank 0 builds and saves it under ``cache_dir/<name>-<hash of key>/`` while the
+    other ranks wait, then they, and later runs, load it from there (data.common.cached_dataset)."""
+    with rank_zero_first():
+        dataset, _ = cached_dataset(Path(cache_dir) / f"{name}-{cache_key(*key)}", lambda: (build(), {"name": name}))
+    return dataset
 
 
 def accuracy_stats(outputs, batch) -> dict:
@@ -175,6 +152,6 @@ def cli(main, argv=None) -> None:
     """Run ``main(argv)`` as a program: user errors become a message and exit status 1."""
     try:
         main(argv)
-    except (DatasetNotFoundError, DataFormatError, TaskError) as err:
+    except (DatasetNotFoundError, DataFormatError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

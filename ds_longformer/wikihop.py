@@ -20,15 +20,15 @@ extended tokenizer; transformers' LongformerModel loads the encoder.
 
 from __future__ import annotations
 
-import sys
+import logging
 from functools import partial
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import LongformerForCandidateScoring
 from .data.wikihop import WikiHopChunkDataset, add_wikihop_tokens, average_chunk_scores, collate_wikihop, load_wikihop
+from .engine import Trainer, TrainerArgs, rank_zero_first, seed_everything, setup_logging
 from .model import ModelOutput
 from .tasks_common import (
     SHORT_MODEL,
@@ -38,11 +38,11 @@ from .tasks_common import (
     load_baseline,
     load_longformer,
     load_tokenizer,
-    rank_zero_first,
     reduce_accuracy,
     task_parser,
 )
-from .trainer import Trainer, TrainerArgs, seed_everything
+
+logger = logging.getLogger("ds_longformer.wikihop")  # (not __name__: "__main__" as a program)
 
 
 class WikiHopModel(LongformerForCandidateScoring):
@@ -71,7 +71,6 @@ def build_parser():
     g.add_argument("--longformer", action="store_true",
                    help="train the Longformer (--model_path: a Longformer folder); default: the RoBERTa "
                         f"baseline (--model_path default {SHORT_MODEL})")
-    g.add_argument("--cache_dir", default="./data", help="where the tokenized examples are cached")
     g.add_argument("--max_chunks", type=int, default=None, help="keep only the first N chunks of an example")
     g.add_argument("--skip_long_questions", action="store_true",
                    help="leave out (and count) the examples whose question and candidates alone fill the input "
@@ -83,6 +82,7 @@ def build_parser():
 def main(argv=None) -> dict:
     """Train; returns the trainer's summary."""
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     if args.longformer and not args.model_path:
         raise TaskError("--longformer needs --model_path: the folder of a Longformer (e.g. the --save_model_to "
                         "folder of ds_longformer.pretrain)")
@@ -105,10 +105,9 @@ def main(argv=None) -> dict:
         except ValueError as err:
             raise TaskError(f"--{split}_data: {err}; give a longer --max_seq_len (this model reads up to "
                             f"{max_len} tokens) or pass --skip_long_questions to leave them out") from err
-        if splits[split].skipped and dist.get_rank() == 0:
-            print(f"--skip_long_questions: left out {splits[split].skipped} of {len(tokenized[split])} "
-                  f"--{split}_data examples (question and candidates longer than {max_len - 2} tokens)",
-                  file=sys.stderr)
+        if splits[split].skipped:
+            logger.warning("--skip_long_questions: left out %d of %d --%s_data examples (question and candidates "
+                           "longer than %d tokens)", splits[split].skipped, len(tokenized[split]), split, max_len - 2)
     train, val = splits["train"], splits["val"]
     trainer = Trainer(model, TrainerArgs.from_namespace(args), train, val,
                       collate_fn=partial(collate_wikihop, pad_token_id=tokenizer.pad_token_id),

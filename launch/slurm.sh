@@ -15,6 +15,8 @@
 #
 # GPUS_PER_NODE defaults to SLURM_GPUS_ON_NODE (else 8); MASTER_PORT to 20000 + job id % 20000.
 # --dry-run (or DRY_RUN=1) prints the srun command; it also works outside an allocation.
+# (A bare `srun --ntasks-per-node=8 python -m MODULE ...`, one task per GPU, also works: the trainer
+# reads its ranks from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the master from the node list.)
 set -euo pipefail
 DRY_RUN=${DRY_RUN:-0}
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
@@ -36,6 +38,15 @@ else
 fi
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
 CPUS=${SLURM_CPUS_PER_TASK:-$(nproc)}
+
+# ---- NCCL across nodes: the usual settings; the commented ones depend on the site's network ----
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a failed rank stops the job, no hang
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}              # INFO prints the rings/transports chosen (debug slow links)
+# export NCCL_SOCKET_IFNAME=ib0                    # interface for NCCL's bootstrap and sockets (see `ip addr`)
+# export NCCL_IB_HCA=mlx5                          # InfiniBand adapters to use (see `ibv_devices`)
+# export NCCL_IB_DISABLE=1                         # no InfiniBand: plain TCP
+# export NCCL_NET_GDR_LEVEL=PHB                    # GPUDirect RDMA up to this PCIe distance
+# export FI_PROVIDER=efa FI_EFA_USE_DEVICE_RDMA=1  # AWS EFA (with the aws-ofi-nccl plugin)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / GPUS_PER_NODE > 0 ? CPUS / GPUS_PER_NODE : 1 ))}
 
 # SLURM_NODEID is expanded by each node's shell, so it is quoted here; the module and its

@@ -64,7 +64,7 @@ def test_longformer_learns_what_lies_past_512_tokens_and_the_baseline_cannot(tmp
             "--dataset", "IMDB", "--data_dir", str(data), "--model", model, "--model_path", str(path),
             "--max_steps", "80", "--batch_size", "8", "--lr", "3e-3", "--warmup_steps", "10",
             "--val_check_interval", "40", "--save_every_n_steps", "0", "--seed", "0",
-            "--default_root_dir", str(tmp_path), "--project_name", model])
+            "--default_root_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--project_name", model])
         accuracy[model] = result["test_metrics"]["test/accuracy"]
     assert accuracy["Longformer"] >= 0.9, accuracy
     assert accuracy["Roberta"] <= 0.65, accuracy  # 100 balanced test reviews: chance is 0.5

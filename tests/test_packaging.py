@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_longformer import scripts, trainer
+from ds_longformer import scripts
+from ds_longformer.engine import ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -33,11 +34,11 @@ def test_every_package_and_the_ds_configs_are_distributed():
 
 
 def test_config_dir_is_found_in_a_checkout_and_in_an_installed_package(tmp_path, monkeypatch):
-    assert trainer.find_config_dir() == REPO / "ds_configs"
+    assert ds_config.find_config_dir() == REPO / "ds_configs"
     installed = tmp_path / "site-packages" / "ds_longformer"
     (installed / "ds_configs").mkdir(parents=True)
-    monkeypatch.setattr(trainer, "__file__", str(installed / "trainer.py"))
-    assert trainer.find_config_dir() == installed / "ds_configs"
+    monkeypatch.setattr(ds_config, "__file__", str(installed / "engine" / "ds_config.py"))
+    assert ds_config.find_config_dir() == installed / "ds_configs"
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # run as __main__ after an import

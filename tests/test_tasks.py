@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 from ds_longformer import LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForSequenceClassification
 from ds_longformer import classify, pretrain, wikihop
 from ds_longformer.convert import convert
+from ds_longformer.engine import TrainerArgs
 from ds_longformer.data.wikihop import WIKIHOP_TOKENS, WikiHopFeatures, collate_wikihop
 from ds_longformer.tasks_common import TaskError, cli, load_baseline
 
@@ -165,6 +166,21 @@ def test_flags_and_defaults_are_the_issues(task, capsys):
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
     assert all(flag in help_text for flag in COMMON_FLAGS)
+
+
+HF_NAMES = ["--learning_rate", "1e-3", "--per_device_train_batch_size", "2", "--output_dir", "out", "--eval_steps", "5",
+            "--save_steps", "10", "--logging_steps", "2", "--save_total_limit", "3", "--max_grad_norm", "0.5",
+            "--resume_from_checkpoint", "latest", "--deepspeed", "zero2", "--num_train_epochs", "2"]
+OUR_NAMES = ["--lr", "1e-3", "--batch_size", "2", "--default_root_dir", "out", "--val_check_interval", "5",
+             "--save_every_n_steps", "10", "--log_every_n_steps", "2", "--keep_last_k", "3", "--grad_clip", "0.5",
+             "--resume", "latest", "--deepspeed_config", "zero2", "--epochs", "2"]
+
+
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_hugging_face_flag_names_are_accepted(task):
+    parser = task.build_parser()
+    theirs, ours = (TrainerArgs.from_namespace(parser.parse_args(argv)) for argv in (HF_NAMES, OUR_NAMES))
+    assert theirs == ours and theirs.given == ours.given
 
 
 def test_missing_dataset_is_a_message_not_a_traceback(tmp_path, models, capsys):
@@ -372,8 +388,13 @@ def test_pretrain_two_ranks(models, wikitext_dir, tmp_path):
 
 # ---- classification -----------------------------------------------------------------------------
 def classify_args(tmp_path, *extra):
-    return ["--default_root_dir", tmp_path, "--batch_size", 2, "--lr", 1e-3, "--max_steps", 4,
-            "--val_check_interval", 2, *extra]
+    return ["--default_root_dir", tmp_path, "--cache_dir", tmp_path / "cache", "--batch_size", 2, "--lr", 1e-3,
+            "--max_steps", 4, "--val_check_interval", 2, *extra]
+
+
+# Hugging Face's names for the same flags: a run typed as a transformers user would
+HF_CLASSIFY_ARGS = ["--output_dir", "{tmp}", "--cache_dir", "{tmp}/cache", "--per_device_train_batch_size", "2",
+                    "--learning_rate", "1e-3", "--max_steps", "4", "--eval_steps", "2"]
 
 
 def check_classification_run(run_dir: Path, stdout: str):
@@ -391,8 +412,9 @@ def check_classification_run(run_dir: Path, stdout: str):
 
 def test_classify_roberta_baseline_one_process(models, tmp_path, capsys):
     data = write_imdb_parquet(tmp_path / "imdb")
-    result = classify.main(list(map(str, classify_args(
-        tmp_path, "--dataset", "IMDB", "--data_dir", data, "--model", "Roberta", "--model_path", models.short))))
+    argv = [a.format(tmp=tmp_path) for a in HF_CLASSIFY_ARGS]
+    result = classify.main(argv + list(map(str, ["--dataset", "IMDB", "--data_dir", data, "--model", "Roberta",
+                                                 "--model_path", models.short])))
     check_classification_run(tmp_path / "Classification", capsys.readouterr().out)
     assert result["test_metrics"]["test/accuracy"] == metrics(tmp_path / "Classification")[-1]["test/accuracy"]
     config = json.loads((tmp_path / "Classification" / "final_model" / "config.json").read_text())
@@ -408,6 +430,27 @@ def test_classify_longformer_two_ranks(models, tmp_path):
     assert trained_by_two_ranks(run_dir)
     check_classification_run(run_dir, proc.stdout)
     assert printed_records(proc.stdout)[0]["max_seq_len"] == 256  # the long model's length
+    # tokenized once, by rank 0: one cache folder per split, nothing half-written
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()) == [
+        "classify-hyperpartisan-dev", "classify-hyperpartisan-test", "classify-hyperpartisan-train"]
+
+
+def test_classify_tokenizes_once_and_later_runs_reuse_it(models, tmp_path, monkeypatch):
+    from ds_longformer.data.hyperpartisan import load_hyperpartisan
+
+    examples = load_hyperpartisan(write_hyperpartisan_xml(tmp_path / "hp"))["train"]
+    tokenizer = AutoTokenizer.from_pretrained(models.short)
+    args = classify.build_parser().parse_args(["--dataset", "Hyperpartisan", "--cache_dir", str(tmp_path / "cache")])
+    first = classify.encode_split(args, "train", examples, tokenizer, 64)
+    with monkeypatch.context() as m:
+        m.setattr(classify, "encode_classification", lambda *a, **k: pytest.fail("tokenized again"))
+        again = classify.encode_split(args, "train", examples, tokenizer, 64)
+    assert again["input_ids"] == first["input_ids"] and again["labels"] == first["labels"]
+    classify.encode_split(args, "train", examples, tokenizer, 32)  # the length is part of the key
+    classify.encode_split(args, "train", examples[:-1], tokenizer, 64)  # so is the data
+    args.model = "Longformer"  # and the global attention on <s>
+    assert classify.encode_split(args, "train", examples, tokenizer, 64)["global_attention_mask"][0][0] == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 4
 
 
 # ---- WikiHop ------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""A tiny MLM run of the Trainer, for the trainer and launcher tests.
+"""A tiny MLM run of the Trainer, for the engine and launcher tests.
 
-As a module it gives the tiny model and random data; as a program (`python -m
-tests.trainer_helpers [trainer flags] [--dump DIR ...]`, also under torchrun or launch/cpu.sh)
-it trains through the shared CLI flags and writes what the tests compare into --dump:
-params_rank<r>.pt (full parameters as each rank holds them), summary.json, logits.pt
+As a module it gives the tiny model and random data, and runs the program below in subprocesses
+(`start`/`finish`/`train`: one process, or two ranks through torch.distributed.run + gloo; ~6 s
+and ~15 s) and reads what they leave (`params`, `scalars`, `run_dir`). As a program (`python -m
+tests.trainer_helpers [trainer flags] [--dump DIR ...]`, also under torchrun, SLURM or
+launch/cpu.sh) it trains through the shared CLI flags and writes what the tests compare into
+--dump: params_rank<r>.pt (full parameters as each rank holds them), summary.json, logits.pt
 (the engine's logits on a fixed batch, rank 0). `spawn`/`reap` run the tests' subprocesses in
 their own session, so a timeout stops a launcher together with its ranks.
 """
@@ -11,18 +13,26 @@ their own session, so a timeout stops a launcher together with its ranks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from ds_longformer import LongformerConfig, LongformerForMaskedLM
-from ds_longformer.trainer import Trainer, TrainerArgs, add_trainer_args, load_ds_config, seed_everything
+from ds_longformer.engine import Trainer, TrainerArgs, add_trainer_args, load_ds_config, seed_everything, setup_logging
+from ds_longformer.engine.log import EVERY_RANK
 
 VOCAB, SEQ = 100, 16
+REPO = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("ds_longformer.tests")  # under the package's logger, as the tasks' are
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def spawn(cmd: list[str], **kw) -> subprocess.Popen:
@@ -38,6 +48,60 @@ def reap(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedPr
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def child_env(**extra) -> dict:
+    """This environment without the launch variables (in-process runs set them), one thread per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def start(out: Path, *flags: str, nproc: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """Start the tiny MLM training with `flags`, its run folder under `out`, dumps in `out/dump`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "tests.trainer_helpers", "--default_root_dir", str(out), "--dump", str(out / "dump"),
+           *flags]
+    return spawn(cmd, cwd=REPO, env=child_env(**(env or {})))
+
+
+def finish(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    done = reap(proc)
+    if check:
+        assert done.returncode == 0, f"{' '.join(done.args)}\n{done.stderr[-4000:]}"
+    return done
+
+
+def train(out: Path, *flags: str, nproc: int = 1, check: bool = True, env: dict | None = None
+          ) -> subprocess.CompletedProcess:
+    return finish(start(out, *flags, nproc=nproc, env=env), check)
+
+
+def params(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(out / "dump" / f"params_rank{rank}.pt")
+
+
+def assert_params_close(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def run_dir(out: Path) -> Path:
+    return out / "ds-longformer"
+
+
+def records(out: Path) -> list[dict]:
+    """The run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_model(dropout: float = 0.0) -> LongformerForMaskedLM:
@@ -104,12 +168,21 @@ def main(argv=None) -> None:
     parser.add_argument("--crash_during_save_at", type=int, default=-1,
                         help="die (os._exit) after DeepSpeed wrote the files of this step's checkpoint")
     parser.add_argument("--nan_at_step", type=int, default=-1, help="make the loss NaN at this optimizer step")
+    parser.add_argument("--warn", action="store_true",
+                        help="log a Python warning and a logging warning on every rank, and a rank-specific one")
     parser.add_argument("--dump", type=Path)
     parser.set_defaults(batch_size=2, lr=1e-3, weight_decay=0.0, save_every_n_steps=0, log_every_n_steps=1)
     ns = parser.parse_args(argv)
+    setup_logging(ns.log_level)
+    if ns.warn:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        warnings.warn("a Python warning that every rank meets")
+        logger.warning("a warning that every rank meets")
+        logger.warning("a warning of rank %d alone", rank, extra=EVERY_RANK)
     args = TrainerArgs.from_namespace(ns)
-    args.deepspeed_config = merge(load_ds_config(args.deepspeed_config, on_cpu=not torch.cuda.is_available()),
-                                  ns.ds_override)
+    if ns.ds_override:
+        args.deepspeed_config = merge(load_ds_config(args.deepspeed_config, on_cpu=not torch.cuda.is_available()),
+                                      ns.ds_override)
     seed_everything(args.seed)
     model = tiny_model(ns.dropout)
     if ns.nan_at_step > 0:
@@ -139,6 +212,8 @@ def main(argv=None) -> None:
         torch.save(logits, ns.dump / "logits.pt")
         optimizer = trainer.engine.basic_optimizer  # the torch optimizer under DeepSpeed's wrappers
         summary["optimizer"] = {"class": type(optimizer).__name__, "fused": optimizer.defaults.get("fused")}
+        summary["args"] = {k: v for k, v in dataclasses.asdict(trainer.args).items() if k != "given"}
+        summary["world_size"] = trainer.world_size
         (ns.dump / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -6,7 +6,7 @@
 
 One train step = forward with the MLM loss, backward, optimizer step (clipping, AdamW, lr schedule),
 driven exactly as the Trainer drives it (engine(**batch), engine.backward, engine.step), with the
-DeepSpeed config the Trainer builds (trainer.build_ds_config from --ds_config: ds_configs/cpu.json
+DeepSpeed config the Trainer builds (engine.ds_config.build_ds_config from --ds_config: ds_configs/cpu.json
 on CPU, zero2.json on CUDA) for both models. The optimizer is torch's AdamW (torch_adam) for both,
 so no DeepSpeed op is JIT-compiled.
 
@@ -152,18 +152,17 @@ def build_engine(model: torch.nn.Module, spec: dict, on_cpu: bool):
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
 
-    from ds_longformer.trainer import TrainerArgs, build_ds_config
+    from ds_longformer.engine import TrainerArgs
+    from ds_longformer.engine.ds_config import build_ds_config
+    from ds_longformer.engine.trainer import parameter_groups
 
     args = TrainerArgs(deepspeed_config=spec["ds_config"], batch_size=spec["batch"], precision=spec["precision"],
                        gradient_checkpointing=spec["checkpointing"])
     total_steps = spec["warmup"] + spec["steps"]
-    config = build_ds_config(args, total_steps, on_cpu)
+    config = build_ds_config(args, total_steps, on_cpu, hidden_size=spec["hidden"])
     config["optimizer"]["params"]["torch_adam"] = True  # same optimizer everywhere, no JIT build
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=config,
+        model=model, model_parameters=parameter_groups(model, args.weight_decay), config=config,
         lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, 0, total_steps))
     engine.train()  # from_pretrained leaves the model in eval mode (no dropout, no checkpointing)
     return engine
@@ -196,7 +195,7 @@ def watch_budget(memory: PeakMemory, budget: int, result: dict):
 def worker(spec: dict):
     import transformers
 
-    from ds_longformer.trainer import init_distributed
+    from ds_longformer.engine import init_distributed
 
     transformers.LongformerForMaskedLM  # import the lazy module now, outside the measured memory
     device = spec["device"]
@@ -278,7 +277,8 @@ def base_spec(args) -> dict:
 
 
 def describe(spec: dict) -> str:
-    from ds_longformer.trainer import TrainerArgs, build_ds_config
+    from ds_longformer.engine import TrainerArgs
+    from ds_longformer.engine.ds_config import build_ds_config
 
     cfg = build_ds_config(TrainerArgs(deepspeed_config=spec["ds_config"]), 1, spec["device"] == "cpu")
     return (f"{spec['layers']} layers, hidden {spec['hidden']}, {spec['heads']} heads, intermediate "

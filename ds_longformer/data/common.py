@@ -41,6 +41,8 @@ where they can, so no work is lost and no empty cache is written)
     ``<s>``/``</s>`` for RoBERTa-style tokenizers, ``[CLS]``/``[SEP]`` for BERT-style ones.
 ``tokenizer_fingerprint(tokenizer) -> str``
     A short hash identifying the tokenizer's vocabulary, rules and added tokens (for cache keys).
+``cache_key(*parts) -> str``
+    A short hash of JSON-serialisable ``parts`` (what a cached dataset depends on).
 ``cached_dataset(target, build) -> (datasets.Dataset, meta dict)``
     Load ``target/`` (``dataset/`` saved by ``datasets`` + ``meta.json``) or, if absent, call
     ``build()`` -> ``(dataset, meta)`` and save it there. The folder appears by an atomic
@@ -181,11 +183,19 @@ def sequence_bounds(tokenizer) -> tuple[int, int]:
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # The serialised fast tokenizer holds the vocabulary, merges, rules and added tokens.
-        description = backend.to_str()
+        # The serialised fast tokenizer holds the vocabulary, merges, rules and added tokens, and also
+        # the truncation and padding of its last call, which are not the tokenizer's: left out.
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        description = json.dumps(state, sort_keys=True)
     else:
         description = f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}"
     return hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
+
+
+def cache_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:16]
 
 
 def cached_dataset(

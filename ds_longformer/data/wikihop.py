@@ -79,7 +79,6 @@ tokenizer for a tokenizer that turns all of the file's text into no tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +92,7 @@ from .collate import pad_batch
 from .common import (
     DataFormatError,
     DatasetNotFoundError,
+    cache_key,
     cached_dataset,
     read_json,
     require_examples,
@@ -296,10 +296,8 @@ def load_wikihop(
     if cache_dir is None or not path.is_file():  # a missing file gets load_wikihop_json's message
         return _tokenize_file(path, tokenizer, num_proc)
     stat = path.stat()
-    description = json.dumps(
-        [_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, tokenizer_fingerprint(tokenizer)]
-    )
-    key = hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
+    key = cache_key(_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                    tokenizer_fingerprint(tokenizer))
 
     def build():
         dataset = _tokenize_file(path, tokenizer, num_proc)

@@ -61,8 +61,6 @@ text into no tokens (found before the blocks are cut or cached).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -78,6 +76,7 @@ import pyarrow.parquet as pq
 from .common import (
     DataFormatError,
     DatasetNotFoundError,
+    cache_key,
     cached_dataset,
     canonical_split,
     require_tokens,
@@ -252,8 +251,7 @@ def _tokenize_split(files: Sequence[Path], tokenizer, max_seq_len: int, num_proc
 
 def _cache_key(files: Sequence[Path], tokenizer, max_seq_len: int) -> str:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    description = json.dumps([_CACHE_VERSION, tokenizer_fingerprint(tokenizer), stats, max_seq_len])
-    return hashlib.sha256(description.encode("utf-8")).hexdigest()[:16]
+    return cache_key(_CACHE_VERSION, tokenizer_fingerprint(tokenizer), stats, max_seq_len)
 
 
 def _load_split(files, split, tokenizer, max_seq_len, cache_dir, num_proc) -> WikiTextSplit:

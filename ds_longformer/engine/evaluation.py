@@ -1,0 +1,96 @@
+"""Evaluation over the ranks, and which validation was the best.
+
+``evaluate(forward, dataset, batch_size, ...) -> {metric: value}``: every sample once, split over the
+ranks (rank r holds dataset[r::world]); all ranks run the same number of forwards (ZeRO-3 gathers
+weights in each: a rank with fewer batches repeats one and does not count it). Metrics:
+
+* ``loss``: the sample-weighted mean of the model's batch losses (when it returns one);
+* ``compute_metrics(outputs, batch) -> {name: additive statistic}`` (sums over the batch, e.g.
+  ``{"correct": 7, "nll": 52.1}``), summed over batches and ranks; ``reduce_metrics(totals)`` turns the
+  totals (plus ``"samples"``) into metrics, e.g. bits per character; without it each total is divided
+  by the number of samples.
+
+``forward(batch) -> outputs`` is whatever runs the model: the DeepSpeed engine (Trainer.evaluate) or
+a plain model on a device (pretrain's step-0 report on the short model).
+
+``BestTracker(metric, mode)``: ``update(metrics, step) -> bool`` says whether a validation beats
+every earlier one (best_model/ is then exported; the Trainer does that).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .batches import batch_size as samples_in
+from .distributed import reduce_across_ranks
+from .errors import UserError
+
+
+def evaluate(forward: Callable[[Mapping], Any], dataset: Dataset, batch_size: int, collate_fn: Callable | None = None,
+             num_workers: int = 0, compute_metrics: Callable[[Any, Mapping], Mapping[str, float]] | None = None,
+             reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None) -> dict[str, float]:
+    """Metrics over ``dataset`` (see the module docstring). Collective: every rank calls it."""
+    sums: dict[str, float] = {"samples": 0.0, "loss_sum": 0.0, "loss_samples": 0.0}
+    with torch.no_grad():
+        for batch, keep in _shard_batches(dataset, batch_size, collate_fn, num_workers):
+            outputs = forward(batch)
+            n = samples_in(batch) * keep
+            stats = {"samples": n}
+            if outputs.loss is not None:
+                stats.update(loss_sum=outputs.loss.item() * n, loss_samples=n)
+            if compute_metrics is not None:
+                stats.update({k: float(v) * keep for k, v in compute_metrics(outputs, batch).items()})
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+    keys = sorted(sums)
+    reduced = reduce_across_ranks(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    totals = dict(zip(keys, reduced.tolist()))
+    metrics = {"loss": totals["loss_sum"] / totals["loss_samples"]} if totals["loss_samples"] else {}
+    task = {k: v for k, v in totals.items() if k not in ("loss_sum", "loss_samples")}
+    if reduce_metrics is not None:
+        metrics.update(reduce_metrics(task))
+    else:
+        metrics.update({k: v / totals["samples"] for k, v in task.items() if k != "samples"})
+    return metrics
+
+
+def _shard_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int) -> Iterator[tuple[dict, int]]:
+    """(batch, keep) pairs of this rank's shard; keep=0 marks the repeats that even out the ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = list(range(rank, len(dataset), world))
+    loader = DataLoader(Subset(dataset, shard or [0]), batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    real = len(loader) if shard else 0
+    most = reduce_across_ranks(torch.tensor([real]), op=dist.ReduceOp.MAX)
+    batch = None
+    for i, batch in enumerate(loader):
+        if i == real:
+            break
+        yield batch, 1
+    for _ in range(most.item() - real):
+        yield batch, 0
+
+
+class BestTracker:
+    """The best value of one validation metric so far, and its step."""
+
+    def __init__(self, metric: str, mode: str, value: float | None = None, step: int | None = None):
+        # "val/loss" (our TensorBoard tag) and "eval_loss" (transformers' name) both mean "loss"
+        self.metric = metric.removeprefix("val/").removeprefix("eval_")
+        self.mode, self.value, self.step = mode, value, step
+
+    def update(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Record a validation; True when it is the best so far (a NaN never is)."""
+        if self.metric not in metrics:
+            raise UserError(f"--best_metric {self.metric!r} is not a validation metric; have {sorted(metrics)}")
+        value = metrics[self.metric]
+        better = self.value is None or (value < self.value if self.mode == "min" else value > self.value)
+        if better and math.isfinite(value):
+            self.value, self.step = value, step
+            return True
+        return False
