@@ -208,7 +208,7 @@ def test_zero3_export_loads_in_transformers(parallel_runs):
     out = parallel_runs / "zero3"
     summary = json.loads((out / "dump" / "summary.json").read_text())
     # The run trained with gradient checkpointing; the exported config does not carry that setting.
-    assert not json.loads(Path(summary["final_model"], "config.json").read_text())["gradient_checkpointing"]
+    assert not json.loads(Path(summary["final_model"], "config.json").read_text()).get("gradient_checkpointing")
     hf, info = transformers.LongformerForMaskedLM.from_pretrained(summary["final_model"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     probe = torch.utils.data.default_collate(random_mlm_data(2, 3))  # the batch of dump/logits.pt
@@ -351,15 +351,15 @@ def test_rolled_back_run_never_leaves_latest_on_a_half_written_checkpoint(tmp_pa
 
 
 def test_resume_drops_a_best_model_exported_after_the_checkpoint(tmp_path):
-    """The crashed run exported best_model/ at step 4 (mode max), after its last complete
+    """The crashed run exported best_model/ at step 4 (mode min), after its last complete
     checkpoint (step 2, whose best was step 2): the resumed run must not keep step 4's weights as
     the best of its own history."""
-    flags = ["--max_steps", "4", "--save_every_n_steps", "2", "--val_check_interval", "2", "--best_mode", "max",
+    flags = ["--max_steps", "4", "--save_every_n_steps", "2", "--val_check_interval", "2", "--best_mode", "min",
              "--n_train", "8", "--batch_size", "1"]
     crashed = train(tmp_path, *flags, "--crash_during_save_at", "4", check=False)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     marker = run_dir(tmp_path) / "best_model" / "best_step.json"
-    assert json.loads(marker.read_text())["step"] == 4  # the loss rose from step 2 to 4 (seeded)
+    assert json.loads(marker.read_text())["step"] == 4  # the loss fell from step 2 to 4 (seeded)
     train(tmp_path, *flags, "--resume", "latest")
     summary = json.loads((tmp_path / "dump" / "summary.json").read_text())
     # best_model/ is either gone (the resumed run never beat step 2) or its own best, never the crashed run's
