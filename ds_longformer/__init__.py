@@ -5,8 +5,12 @@ from .config import LongformerConfig
 from .model import (
     LongformerForCandidateScoring,
     LongformerForMaskedLM,
+    LongformerForMultipleChoice,
+    LongformerForQuestionAnswering,
     LongformerForSequenceClassification,
+    LongformerForTokenClassification,
     LongformerModel,
+    LongformerPreTrainedModel,
 )
 
 __all__ = [
@@ -14,7 +18,11 @@ __all__ = [
     "LongformerConfig",
     "LongformerForCandidateScoring",
     "LongformerForMaskedLM",
+    "LongformerForMultipleChoice",
+    "LongformerForQuestionAnswering",
     "LongformerForSequenceClassification",
+    "LongformerForTokenClassification",
     "LongformerModel",
+    "LongformerPreTrainedModel",
     "LongformerSelfAttention",
 ]

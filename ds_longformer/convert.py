@@ -2,12 +2,14 @@
 
     python -m ds_longformer.convert --source DIR --output DIR --max_pos 4096 --attention_window 512
 
+* The source is read through our classes' from_pretrained: a short encoder's weights renamed and
+  its local query/key/value copied into query_global/key_global/value_global (short_encoders.py).
 * Positions: the short table's rows are copied over and over until the new table holds `max_pos`
   positions. RoBERTa keeps its two reserved rows (0 = <s> slot unused, 1 = padding) and repeats
   rows 2..513; BERT-style models number positions from 0, so their rows 0..511 are repeated after
-  the padding row(s) (see checkpoint.short_config_to_longformer).
-* Global attention: query/key/value are copied into query_global/key_global/value_global.
-* Tokenizer: copied with `model_max_length = max_pos`.
+  the padding row(s).
+* Tokenizer: copied with `model_max_length = max_pos`; a BERT source's [CLS]/[SEP] ids, which its
+  config does not name, are taken from it into the long model's config.
 
 Supported sources: RoBERTa / DistilRoBERTa / XLM-R / CamemBERT and BERT-style encoders (with or
 without their MLM head), and Longformer folders (to lengthen them further). Not supported: models
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_config_json, read_state_dict
 from .model import LongformerForMaskedLM, LongformerModel
+from .weights import read_config_json, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,10 @@ def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: i
     (LongformerForMaskedLM when the source has an MLM head, else LongformerModel). attention_window
     None: 512 for a short encoder, the source's own windows for a Longformer."""
     cls = LongformerForMaskedLM if has_mlm_head(source) else LongformerModel
-    model = cls.from_pretrained(source, attention_window=attention_window)
+    model = cls.from_pretrained(source, **({} if attention_window is None else {"attention_window": attention_window}))
     config = model.config
     reserved = config.pad_token_id + 1
-    emb = model.encoder_model.embeddings
+    emb = model.base_model.embeddings
     new_table = extend_position_table(emb.position_embeddings.weight.data, reserved, max_pos)
     emb.position_embeddings = torch.nn.Embedding.from_pretrained(
         new_table, freeze=False, padding_idx=config.pad_token_id)
@@ -63,23 +65,42 @@ def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: i
     return model
 
 
-def save_tokenizer(source: str | Path, output: str | Path, max_pos: int) -> bool:
-    """Copy the source tokenizer with model_max_length raised; False if the source has none."""
+def load_tokenizer(source: str | Path, max_pos: int):
+    """The source's tokenizer with model_max_length raised, or None (with a warning) if it has none."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=max_pos)
     except (OSError, ValueError) as err:
         log.warning("no tokenizer saved: could not load one from %s (%s)", source, err)
-        return False
+        return None
     tokenizer.model_max_length = max_pos
+    return tokenizer
+
+
+def fill_special_ids(config, tokenizer) -> None:
+    """[CLS]/[SEP] ids a BERT-style config does not name, from its tokenizer (never guessed)."""
+    from .data.common import sequence_bounds
+
+    if None not in (config.bos_token_id, config.eos_token_id, config.sep_token_id):
+        return
+    try:
+        start, end = sequence_bounds(tokenizer)
+    except ValueError:  # a tokenizer without such tokens: the ids stay unset (null in config.json)
+        return
+    for field, value in (("bos_token_id", start), ("eos_token_id", end), ("sep_token_id", end)):
+        if getattr(config, field) is None:
+            setattr(config, field, value)
+
+
+def save_tokenizer(tokenizer, output: str | Path, max_pos: int) -> None:
+    """Write the tokenizer with model_max_length = max_pos (also in tokenizer_config.json)."""
     tokenizer.save_pretrained(str(output))
     cfg_path = Path(output) / "tokenizer_config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         cfg["model_max_length"] = max_pos
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    return True
 
 
 def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
@@ -87,8 +108,12 @@ def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
     """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
     model_type = read_config_json(source).get("model_type")
     model = convert_to_long(source, max_pos, attention_window)
+    tokenizer = load_tokenizer(source, max_pos)
+    if tokenizer is not None:
+        fill_special_ids(model.config, tokenizer)
     model.save_pretrained(output)
-    save_tokenizer(source, output, max_pos)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, output, max_pos)
     log.info("converted %s (%s) -> %s: %s, %d positions, windows %s", source, model_type, output,
              type(model).__name__, max_pos, model.config.attention_window)
     return model

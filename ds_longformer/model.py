@@ -1,76 +1,90 @@
-"""The Longformer encoder and its heads, with Hugging Face parameter names.
+"""The Longformer encoder and its heads: transformers models, with our attention and fast paths inside.
 
-    LongformerModel                     embeddings -> N x LongformerLayer -> (pooler)
-    LongformerForMaskedLM               longformer + lm_head (decoder tied to the word embeddings)
-    LongformerForSequenceClassification longformer + classifier on <s> (global attention there by default)
-    LongformerForCandidateScoring       longformer + a linear score at given candidate positions (WikiHop)
+    LongformerModel                      embeddings -> N x LongformerLayer -> (pooler)
+    LongformerForMaskedLM                + lm_head (decoder tied to the word embeddings); chunked loss
+    LongformerForSequenceClassification  + classifier on <s> (global attention there by default)
+    LongformerForQuestionAnswering       + qa_outputs: start/end logits (global attention on the question by default)
+    LongformerForTokenClassification     + classifier on every token
+    LongformerForMultipleChoice          + classifier on the pooled <s> of each choice (global attention on the choice)
+    LongformerForCandidateScoring        + qa_score at given candidate positions (the paper's WikiHop model)
 
-Every module and parameter is named as in `transformers.Longformer*`, so `state_dict()` keys are
-the same and `save_pretrained` folders load both ways (see `checkpoint.py` for the file format and
-the short-model readers). Shapes: B batch, N tokens, C hidden, H heads, V vocab.
+Every class is a `transformers.PreTrainedModel` with transformers' module and parameter names,
+forward arguments, output classes (`[0]`, `to_tuple()`, `return_dict=False`), embedding and
+resize API, weight tying and gradient-checkpointing switch, so `save_pretrained` folders load
+both ways with no missing or unexpected keys. `from_pretrained` is transformers' for Longformer
+folders (ours or transformers'); a short encoder's folder (RoBERTa/BERT style) is read through
+`from_short_encoder` instead (see short_encoders.py). Shapes: B batch, N tokens, C hidden,
+H heads, V vocabulary, G global tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.longformer.modeling_longformer import (
+    LongformerBaseModelOutput,
+    LongformerBaseModelOutputWithPooling,
+    LongformerMaskedLMOutput,
+    LongformerMultipleChoiceModelOutput,
+    LongformerQuestionAnsweringModelOutput,
+    LongformerSequenceClassifierOutput,
+    LongformerTokenClassifierOutput,
+)
+from transformers.utils import ModelOutput
 
-from . import flops
-from .attention import AttentionLayout, LongformerSelfAttention
+from . import flops, short_encoders, weights
+from .attention import AttentionLayout, LongformerSelfAttention, check_backend
 from .config import LongformerConfig
-
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+from .losses import CE_CHUNK_ELEMENTS, linear_cross_entropy
 
 
-@dataclass
-class ModelOutput:
-    loss: Tensor | None = None
-    logits: Tensor | None = None
-    last_hidden_state: Tensor | None = None
-    pooler_output: Tensor | None = None
-
-    def __getitem__(self, key):  # dict-style access, as transformers' outputs allow
-        return getattr(self, key)
-
-
+# ---- the encoder --------------------------------------------------------------------------------
 class LongformerEmbeddings(nn.Module):
     """Word + position + token-type embeddings. RoBERTa-style positions: real tokens are numbered
-    pad_token_id + 1, pad_token_id + 2, ...; padding tokens get position pad_token_id."""
+    pad_token_id + 1, pad_token_id + 2, ...; padding tokens get position pad_token_id. With
+    inputs_embeds (no ids to tell padding by) every token is numbered, as transformers does."""
 
     def __init__(self, config: LongformerConfig):
         super().__init__()
-        self.config = config
+        self.padding_idx = config.pad_token_id
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(
-            config.max_position_embeddings, config.hidden_size, padding_idx=config.pad_token_id
-        )
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        pad = self.config.pad_token_id
-        not_pad = input_ids.ne(pad).int()
-        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + pad  # (B, N)
+    def forward(self, input_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+        pad = self.padding_idx
+        if position_ids is None and input_ids is not None:
+            not_pad = input_ids.ne(pad).int()
+            position_ids = torch.cumsum(not_pad, dim=1) * not_pad + pad  # (B, N)
+        elif position_ids is None:
+            n = inputs_embeds.shape[1]
+            position_ids = torch.arange(pad + 1, n + pad + 1, device=inputs_embeds.device).expand(inputs_embeds.shape[:2])
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
         if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        x = x + self.token_type_embeddings(token_type_ids)
+            token_type_ids = torch.zeros(position_ids.shape, dtype=torch.long, device=position_ids.device)
+        x = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
 
-class _DenseLayerNorm(nn.Module):
-    """dense -> dropout -> residual add -> LayerNorm (HF's *SelfOutput and *Output)."""
+class LongformerSelfOutput(nn.Module):
+    """dense -> dropout -> residual add -> LayerNorm (also the layer's output: LongformerOutput)."""
 
-    def __init__(self, d_in: int, config: LongformerConfig):
+    def __init__(self, config: LongformerConfig, d_in: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(d_in, config.hidden_size)
+        self.dense = nn.Linear(d_in or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -85,49 +99,58 @@ class LongformerAttention(nn.Module):
             config.hidden_size, config.num_attention_heads, config.attention_window[layer_id],
             config.attention_probs_dropout_prob, config.attention_backend, config.attention_block_size,
         )
-        self.output = _DenseLayerNorm(config.hidden_size, config)
+        self.output = LongformerSelfOutput(config)
 
-    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
-        return self.output(self.self(x, layout), x)
+    def forward(self, x: Tensor, layout: AttentionLayout, output_attentions: bool = False):
+        """(B, N, C) -> ((B, N, C), attention probabilities or None: see attention.probabilities)."""
+        probs = self.self.attention_probabilities(x, layout) if output_attentions else None
+        return self.output(self.self(x, layout), x), probs
 
 
 class LongformerIntermediate(nn.Module):
     def __init__(self, config: LongformerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.dense(x))
+        return self.intermediate_act_fn(self.dense(x))
 
 
-class LongformerLayer(nn.Module):
+class LongformerLayer(GradientCheckpointingLayer):
+    """attention -> MLP. transformers' gradient-checkpointing switch recomputes it in backward."""
+
     def __init__(self, config: LongformerConfig, layer_id: int):
         super().__init__()
         self.attention = LongformerAttention(config, layer_id)
         self.intermediate = LongformerIntermediate(config)
-        self.output = _DenseLayerNorm(config.intermediate_size, config)
+        self.output = LongformerSelfOutput(config, config.intermediate_size)
 
-    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
-        x = self.attention(x, layout)
-        return self.output(self.intermediate(x), x)
+    def forward(self, x: Tensor, layout: AttentionLayout, output_attentions: bool = False):
+        x, probs = self.attention(x, layout, output_attentions)
+        return self.output(self.intermediate(x), x), probs
 
 
 class LongformerEncoder(nn.Module):
     def __init__(self, config: LongformerConfig):
         super().__init__()
         self.layer = nn.ModuleList(LongformerLayer(config, i) for i in range(config.num_hidden_layers))
-        self.gradient_checkpointing = config.gradient_checkpointing
 
-    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> LongformerBaseModelOutput:
+        hidden_states = (x,) if output_hidden_states else None
+        local, global_ = [], []
         for layer in self.layer:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, layout, use_reentrant=False)  # recompute activations in backward
-            else:
-                x = layer(x, layout)
-        return x
+            x, probs = layer(x, layout, output_attentions=output_attentions)
+            if output_hidden_states:
+                hidden_states += (x,)
+            if output_attentions:
+                local.append(probs[0])
+                global_.append(probs[1])
+        return LongformerBaseModelOutput(
+            last_hidden_state=x, hidden_states=hidden_states,
+            attentions=tuple(local) if output_attentions else None,
+            global_attentions=tuple(global_) if output_attentions and layout.num_global else None)
 
 
 class LongformerPooler(nn.Module):
@@ -135,218 +158,30 @@ class LongformerPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor) -> Tensor:  # (B, N, C) -> (B, C), from the first token
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
-class LongformerPreTrainedModel(nn.Module):
-    """Initialisation, save/load and gradient checkpointing shared by the model and its heads."""
+# ---- the heads' modules ---------------------------------------------------------------------------
+class MLMDecoder(nn.Linear):
+    """The LM head's output projection (transformers' `lm_head.decoder`, tied to the word
+    embeddings). decoder(x) gives logits; decoder(x, targets) the mean cross-entropy in chunks
+    (losses.linear_cross_entropy, `chunk_elements` logits at a time). A module call either way,
+    so DeepSpeed ZeRO-3 gathers the weight for it."""
 
-    base_model_prefix = "longformer"
-    hf_architecture = "LongformerModel"
-    tied_weights = {}  # name in this model -> name of the tensor it shares (omitted when saving)
-
-    def __init__(self, config: LongformerConfig):
-        super().__init__()
-        self.config = config
-
-    def init_weights(self):
-        """Normal(0, initializer_range) for linear and embedding weights, as Hugging Face does."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-            if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.tie_weights()
-
-    def tie_weights(self):
-        pass
-
-    @property
-    def encoder_model(self) -> "LongformerModel":
-        return self if isinstance(self, LongformerModel) else getattr(self, self.base_model_prefix)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.encoder_model.embeddings.word_embeddings
-
-    def set_input_embeddings(self, embedding: nn.Embedding):
-        self.encoder_model.embeddings.word_embeddings = embedding
-        self.config.vocab_size = embedding.num_embeddings
-        self.tie_weights()
-
-    def gradient_checkpointing_enable(self, enable: bool = True):
-        self.config.gradient_checkpointing = enable
-        self.encoder_model.encoder.gradient_checkpointing = enable
-
-    def set_attention_backend(self, backend: str):
-        """Switch every layer to another attention backend (weights unchanged)."""
-        self.config.attention_backend = backend
-        self.config.validate()
-        for layer in self.encoder_model.encoder.layer:
-            layer.attention.self.backend = backend
-
-    def train_flops(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                    global_attention_mask: Tensor | None = None, **head_inputs) -> float:
-        """Model FLOPs of one training step (forward + backward) on this batch, as `flops.py`
-        counts them: the trainer's TFLOP/s and MFU. Reads only the masks' counts (no forward)."""
-        c, N = self.config, input_ids.shape[1]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # the forward's own rule for which tokens are global (attention_mask 2, the head's default)
-        layout = AttentionLayout.build(attention_mask, self._default_global_mask(input_ids, global_attention_mask))
-        encoder = sum(flops.encoder_layer_flops(N, window, g, c.hidden_size, c.num_attention_heads,
-                                                c.intermediate_size)
-                      for g in layout.is_global.sum(dim=1).tolist() for window in c.attention_window)
-        return 3 * (encoder + self._head_flops(input_ids, **head_inputs))
-
-    def _default_global_mask(self, input_ids: Tensor, global_attention_mask: Tensor | None) -> Tensor | None:
-        return global_attention_mask  # heads that add global tokens by default say so
-
-    def _head_flops(self, input_ids: Tensor, **head_inputs) -> float:
-        return 0.0
-
-    def save_pretrained(self, folder: str | Path, state_dict: dict | None = None):
-        from .checkpoint import save_folder
-
-        save_folder(self, folder, state_dict)
+    chunk_elements = CE_CHUNK_ELEMENTS
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **config_overrides):
-        from .checkpoint import load_folder
-
-        return load_folder(cls, folder, **config_overrides)
-
-
-class LongformerModel(LongformerPreTrainedModel):
-    def __init__(self, config: LongformerConfig, add_pooling_layer: bool = True):
-        super().__init__(config)
-        self.embeddings = LongformerEmbeddings(config)
-        self.encoder = LongformerEncoder(config)
-        self.pooler = LongformerPooler(config) if add_pooling_layer else None
-        self.init_weights()
-
-    def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, global_attention_mask: Tensor | None):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        for name, mask in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask)):
-            if mask is not None and mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"{name} has shape {tuple(mask.shape)} but input_ids has {tuple(input_ids.shape)}"
-                )
-        if input_ids.shape[1] > self.config.max_tokens:
-            raise ValueError(
-                f"sequence of {input_ids.shape[1]} tokens is longer than the position table allows "
-                f"({self.config.max_tokens} = max_position_embeddings {self.config.max_position_embeddings} "
-                f"- pad_token_id {self.config.pad_token_id} - 1); truncate it or convert the model to a "
-                "longer max_pos with `python -m ds_longformer.convert`"
-            )
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        global_attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        layout: AttentionLayout | None = None,
-    ) -> ModelOutput:
-        self.check_inputs(input_ids, attention_mask, global_attention_mask)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if layout is None:
-            layout = AttentionLayout.build(attention_mask, global_attention_mask)
-        hidden = self.encoder(self.embeddings(input_ids, token_type_ids), layout)  # (B, N, C)
-        pooled = self.pooler(hidden) if self.pooler is not None else None
-        return ModelOutput(last_hidden_state=hidden, pooler_output=pooled)
-
-
-CE_CHUNK_ELEMENTS = 2**25  # logits per chunk of LinearCrossEntropy: 128 MiB in fp32
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean_i cross_entropy(x_i W^T + b, t_i) without holding the (M, V) logits.
-
-    The autograd way keeps the logits, their log-softmax and, in backward, two more (M, V) tensors:
-    at N=32768 with 15% masked (M ~ 4900) and V = 50265 that is 4 x 1 GB. Here the rows go in
-    chunks of CE_CHUNK_ELEMENTS logits, and each chunk's gradient (softmax - one-hot) is used at
-    once: forward leaves dx (M, C), dW (V, C), db (V), and backward only scales them by the incoming
-    gradient. The same three matmuls as autograd, none recomputed.
-    Logits are computed in x's dtype and the softmax in fp32, as `F.cross_entropy(logits.float())`;
-    the gradient matmuls in bf16 for bf16 (as autograd's) but in fp32 for fp16: these gradients are
-    not yet multiplied by the loss scale, and fp16 would flush the small ones to zero. dW of one
-    chunk (the usual case: 667 rows for V = 50265) is that chunk's product, as autograd's; several
-    chunks are summed in an fp32 (V, C) buffer (147 MiB), which bf16 precision needs.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
-        M, V = x.shape[0], weight.shape[0]
-        low, high = torch.stack([targets.min(), targets.max()]).tolist() if M else (0, 0)  # one device sync
-        if low < 0 or high >= V:  # else gather's bare index error
-            raise ValueError(f"MLM labels must be token ids in [0, {V}) or -100 (not scored); got values "
-                             f"from {low} to {high}: a tokenizer of another vocabulary?")
-        needs_grad = ctx.needs_input_grad[:3]
-        grad_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-        x_g, weight_g = x.to(grad_dtype), weight.to(grad_dtype)
-        grad_x = torch.empty(x.shape, dtype=grad_dtype, device=x.device) if needs_grad[0] else None
-        rows = max(1, CE_CHUNK_ELEMENTS // V)
-        sum_grad_w = needs_grad[1] and not 0 < M <= rows  # several chunks; one writes its product
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if sum_grad_w else None
-        grad_b = torch.zeros(V, dtype=torch.float32, device=x.device) if needs_grad[2] else None
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for i in range(0, M, rows):
-            x_c, t_c = x[i: i + rows], targets[i: i + rows]
-            logits = torch.addmm(bias, x_c, weight.t()).float()  # (rows, V)
-            target_logit = logits.gather(1, t_c[:, None])  # (rows, 1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()  # in place (logsumexp would make a second (rows, V))
-            row_sum = probs.sum(dim=-1, keepdim=True)
-            loss += (row_max + row_sum.log() - target_logit).sum()  # log-sum-exp minus the target's
-            if not any(needs_grad):
-                continue
-            probs.div_(row_sum * M)  # softmax / M
-            probs[torch.arange(len(t_c), device=x.device), t_c] -= 1.0 / M  # d(mean loss) / d(logits)
-            probs_g = probs.to(grad_dtype)
-            if grad_x is not None:
-                grad_x[i: i + rows] = probs_g @ weight_g
-            if needs_grad[1]:
-                if not sum_grad_w:
-                    grad_w = probs_g.t() @ x_g  # (V, C) in grad_dtype: the only chunk
-                elif grad_dtype == torch.float32:
-                    grad_w.addmm_(probs.t(), x_g[i: i + rows])
-                else:
-                    grad_w += probs_g.t() @ x_g[i: i + rows]
-            if grad_b is not None:
-                grad_b += probs.sum(0)
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
-        return loss / M
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        # The loss's gradient is mostly 1 (else a loss scale or 1 / accumulation steps): then the
-        # buffers are the gradients, and no second (V, C) tensor is made. Scaled out of place, so a
-        # second backward through a retained graph finds them unscaled.
-        unit = bool(grad_loss == 1)
-        return (*(None if g is None else (g if unit else g * grad_loss).to(dtype)
-                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None)
-
-
-class MLMDecoder(nn.Linear):
-    """The LM head's output projection (HF's `lm_head.decoder`, tied to the word embeddings).
-    decoder(x) gives logits; decoder(x, targets) the mean cross-entropy through LinearCrossEntropy.
-    A module call either way, so DeepSpeed ZeRO-3 gathers the weight for it."""
+    def sharing(cls, linear: nn.Linear) -> "MLMDecoder":
+        """An MLMDecoder holding `linear`'s parameters (transformers' resize makes a plain Linear)."""
+        decoder = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        decoder.weight, decoder.bias = linear.weight, linear.bias
+        return decoder
 
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         if targets is None:
             return super().forward(x)
-        return LinearCrossEntropy.apply(x, self.weight, self.bias, targets)
+        return linear_cross_entropy(x, self.weight, self.bias, targets, self.chunk_elements)
 
 
 class LongformerLMHead(nn.Module):
@@ -355,16 +190,248 @@ class LongformerLMHead(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = MLMDecoder(config.hidden_size, config.vocab_size)
-        self.bias = self.decoder.bias  # HF names the same tensor twice
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # the decoder's bias (tied)
 
     def forward(self, hidden: Tensor, targets: Tensor | None = None) -> Tensor:
         """(..., C) -> logits (..., V); with targets (M,) for hidden (M, C): the mean cross-entropy."""
         return self.decoder(self.layer_norm(F.gelu(self.dense(hidden))), targets)
 
 
+def _classifier_dropout(config: LongformerConfig) -> float:
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+
+
+class LongformerClassificationHead(nn.Module):
+    """dense -> tanh -> out_proj on the first token, as transformers'."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # (B, N, C) -> (B, num_labels)
+        x = self.dropout(hidden[:, 0])
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
+
+
+def question_global_mask(input_ids: Tensor, sep_token_id: int | None, after: bool = False) -> Tensor:
+    """transformers' default global attention for QA and multiple choice: the tokens before the
+    first sep token (the question), or with `after` those after the first two sep tokens (the
+    `</s></s>` pair: the context or choice). input_ids (..., N) -> bool (..., N)."""
+    if sep_token_id is None:
+        raise ValueError("config.sep_token_id is None: give global_attention_mask (global attention on the question)")
+    is_sep = input_ids == sep_token_id
+    if not bool(is_sep.any(-1).all()):
+        raise ValueError(f"an example has no sep token (id {sep_token_id}) to end its question: give "
+                         "global_attention_mask")
+    first_sep = is_sep.int().argmax(-1, keepdim=True)
+    position = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return position > first_sep + 1 if after else position < first_sep
+
+
+# ---- the models -----------------------------------------------------------------------------------
+class LongformerPreTrainedModel(PreTrainedModel):
+    """What the model and every head share: initialisation, folders, attention backend, FLOPs."""
+
+    config_class = LongformerConfig
+    base_model_prefix = "longformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongformerSelfAttention"]
+    _keys_to_ignore_on_load_unexpected = [r"position_ids$"]  # a buffer older checkpoints saved
+
+    def _init_weights(self, module: nn.Module):
+        """transformers' rule (normal(0, initializer_range) for linear and embedding weights, zero
+        biases and padding rows, LayerNorm at 1 and 0), and the MLM head's own bias at 0."""
+        super()._init_weights(module)
+        if isinstance(module, LongformerLMHead):
+            init.zeros_(module.bias)
+
+    def init_weights(self):
+        """Initialise every module by `_init_weights` in module order (self.modules()), then tie the
+        weights: the order in which this project has always drawn them, so a seed builds the same
+        model as before (transformers' own order, children first, would draw other values)."""
+        if self.device.type != "meta":  # built to be loaded (from_pretrained): nothing to draw
+            with torch.no_grad():
+                for module in self.modules():
+                    self._init_weights(module)
+        self.tie_weights(recompute_mapping=False)
+
+    # ---- folders --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args, **kwargs):
+        """transformers' from_pretrained for a Longformer folder (ours or transformers'; local, or a
+        hub id where a network exists): keyword arguments that are config fields override
+        config.json (e.g. attention_window, attention_backend, num_labels), the others are
+        transformers' (dtype, ignore_mismatched_sizes, output_loading_info, ...). Then our checks
+        (weights.check_fit): shapes must fit unless ignore_mismatched_sizes, and the encoder must
+        be complete and no larger than the config. A short encoder's folder (RoBERTa/BERT style)
+        goes to `from_short_encoder`."""
+        model_type = weights.folder_model_type(pretrained_model_name_or_path)
+        if model_type in short_encoders.SHORT_MODEL_TYPES:
+            return cls.from_short_encoder(pretrained_model_name_or_path, **kwargs)
+        if model_type not in (None, "longformer"):
+            raise ValueError(f"{Path(pretrained_model_name_or_path) / 'config.json'}: model_type={model_type!r} is "
+                             "not supported; expected longformer or a short encoder to convert "
+                             f"({', '.join(short_encoders.SHORT_MODEL_TYPES)})")
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        rng_state = torch.random.get_rng_state()
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        mismatched = [] if ignore_mismatched_sizes else [
+            f"{key}: checkpoint {tuple(theirs)} vs model {tuple(ours)}" for key, theirs, ours in info["mismatched_keys"]]
+        weights.check_fit(str(pretrained_model_name_or_path), info["missing_keys"], info["unexpected_keys"], mismatched)
+        new = info["missing_keys"] | {key for key, _, _ in info["mismatched_keys"]}
+        if new and not is_deepspeed_zero3_enabled():
+            model._initialise_as_built(new, rng_state)
+        return (model, info) if output_loading_info else model
+
+    def _initialise_as_built(self, keys: set[str], rng_state: Tensor) -> None:
+        """Give the weights a folder lacked (a new head) the values of the same model built from the
+        random state `from_pretrained` started with: a seed then gives the same new head whether
+        the encoder was loaded or built (and the values this project's loaders always gave)."""
+        torch.random.set_rng_state(rng_state)
+        built = type(self)(self.config).state_dict()
+        with torch.no_grad():
+            for key in keys:
+                self.get_parameter_or_buffer(key).copy_(built[key])
+
+    @classmethod
+    def from_short_encoder(cls, folder: str | Path, attention_window: int | list[int] | None = None,
+                           **config_overrides):
+        """This class from a short encoder's local folder (short_encoders.py): the same numbers of
+        positions, attention_window (default 512) per layer, local q/k/v copied into the global
+        projections, heads it lacks newly initialised. Keyword arguments are config fields.
+        `convert` lengthens the position table."""
+        raw = weights.read_config_json(folder)
+        config = short_encoders.longformer_config(raw, attention_window or 512, **config_overrides)
+        unknown = [k for k in config_overrides if not hasattr(config, k)]
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained of a short encoder ({folder}) takes config fields only, "
+                            f"not {unknown}")
+        model = cls(config)
+        state = short_encoders.longformer_state(weights.read_state_dict(folder), raw)
+        weights.load_state_dict_into(model, state, str(folder))
+        return model.eval()  # as transformers' from_pretrained
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs):
+        """transformers' save_pretrained, into a temporary folder whose files then replace those
+        of `save_directory` (weights.atomic_folder): no file is ever half-written."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, **kwargs)
+        with weights.atomic_folder(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+
+    # ---- attention backend ----------------------------------------------------------------------
+    def set_attention_backend(self, backend: str):
+        """Switch every layer to another attention backend (weights unchanged); checked first."""
+        check_backend(backend, self.config.attention_probs_dropout_prob)
+        self.config.attention_backend = backend
+        for layer in self.base_model.encoder.layer:
+            layer.attention.self.backend = backend
+
+    # ---- shared by the heads --------------------------------------------------------------------
+    def _default_global_mask(self, input_ids: Tensor | None, global_attention_mask: Tensor | None) -> Tensor | None:
+        return global_attention_mask  # heads that add global tokens by default say so
+
+    def _outputs(self, output: ModelOutput, return_dict: bool | None):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _extras(encoded: LongformerBaseModelOutputWithPooling) -> dict:
+        return dict(hidden_states=encoded.hidden_states, attentions=encoded.attentions,
+                    global_attentions=encoded.global_attentions)
+
+    # ---- model FLOPs ----------------------------------------------------------------------------
+    def train_flops(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    global_attention_mask: Tensor | None = None, **head_inputs) -> float:
+        """Model FLOPs of one training step (forward + backward) on this batch, as `flops.py`
+        counts them: the trainer's TFLOP/s and MFU. Reads only the masks' counts (no forward)."""
+        c = self.config
+        # the forward's own rule for which tokens are global (attention_mask 2, the head's default)
+        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
+        ids = input_ids.reshape(-1, input_ids.shape[-1])  # multiple choice: (B, K, N) -> (B K, N)
+        attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask.reshape(ids.shape)
+        if global_attention_mask is not None:
+            global_attention_mask = global_attention_mask.reshape(ids.shape)
+        layout = AttentionLayout.build(attention_mask, global_attention_mask)
+        encoder = sum(flops.encoder_layer_flops(ids.shape[1], window, g, c.hidden_size, c.num_attention_heads,
+                                                c.intermediate_size)
+                      for g in layout.is_global.sum(dim=1).tolist() for window in c.attention_window)
+        return 3 * (encoder + self._head_flops(input_ids, **head_inputs))
+
+    def _head_flops(self, input_ids: Tensor, **head_inputs) -> float:
+        return 0.0
+
+
+class LongformerModel(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = LongformerEmbeddings(config)
+        self.encoder = LongformerEncoder(config)
+        self.pooler = LongformerPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embeddings.word_embeddings = value
+
+    def _check_inputs(self, input_ids, attention_mask, global_attention_mask, position_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give either input_ids or inputs_embeds (exactly one)")
+        shape = tuple(input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1])
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        if len(shape) != 2:
+            raise ValueError(f"{name} must be (batch, seq_len{', hidden' if inputs_embeds is not None else ''}), "
+                             f"got shape {tuple((input_ids if input_ids is not None else inputs_embeds).shape)}")
+        for mask_name, mask in (("attention_mask", attention_mask), ("global_attention_mask", global_attention_mask),
+                                ("position_ids", position_ids)):
+            if mask is not None and tuple(mask.shape) != shape:
+                raise ValueError(f"{mask_name} has shape {tuple(mask.shape)} but {name} has {shape}")
+        if position_ids is None and shape[1] > self.config.max_tokens:
+            raise ValueError(
+                f"sequence of {shape[1]} tokens is longer than the position table allows "
+                f"({self.config.max_tokens} = max_position_embeddings {self.config.max_position_embeddings} "
+                f"- pad_token_id {self.config.pad_token_id} - 1); truncate it or convert the model to a "
+                "longer max_pos with `python -m ds_longformer.convert`"
+            )
+        return shape
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # (B, N)
+        attention_mask: Tensor | None = None,  # (B, N): 0 padding, 1 token, 2 token with global attention
+        global_attention_mask: Tensor | None = None,  # (B, N): 1 global attention
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,  # (B, N, C) instead of input_ids
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> LongformerBaseModelOutputWithPooling | tuple:
+        c = self.config
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        shape = self._check_inputs(input_ids, attention_mask, global_attention_mask, position_ids, inputs_embeds)
+        if attention_mask is None:
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        layout = AttentionLayout.build(attention_mask, global_attention_mask)  # masks once for every layer
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, N, C)
+        encoded = self.encoder(x, layout, output_attentions, output_hidden_states)
+        pooled = self.pooler(encoded.last_hidden_state) if self.pooler is not None else None  # (B, C)
+        return self._outputs(LongformerBaseModelOutputWithPooling(
+            last_hidden_state=encoded.last_hidden_state, pooler_output=pooled, **self._extras(encoded)), return_dict)
+
+
+# ---- masked language modelling -------------------------------------------------------------------
 class LongformerForMaskedLM(LongformerPreTrainedModel):
-    hf_architecture = "LongformerForMaskedLM"
-    tied_weights = {
+    _tied_weights_keys = {
         "lm_head.decoder.weight": "longformer.embeddings.word_embeddings.weight",
         "lm_head.decoder.bias": "lm_head.bias",
     }
@@ -373,95 +440,74 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         super().__init__(config)
         self.longformer = LongformerModel(config, add_pooling_layer=False)
         self.lm_head = LongformerLMHead(config)
-        self.init_weights()
+        self.post_init()
 
-    def tie_weights(self):
-        emb = self.longformer.embeddings.word_embeddings
-        self.lm_head.decoder.weight = emb.weight
-        if self.lm_head.decoder.out_features != emb.num_embeddings:  # vocabulary was resized
-            bias = torch.zeros(emb.num_embeddings, dtype=emb.weight.dtype, device=emb.weight.device)
-            n = min(len(bias), len(self.lm_head.bias))
-            bias[:n] = self.lm_head.bias.data[:n]
-            self.lm_head.decoder.out_features = emb.num_embeddings
-            self.lm_head.decoder.bias = nn.Parameter(bias)
-            self.lm_head.bias = self.lm_head.decoder.bias
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head.decoder = new_embeddings if isinstance(new_embeddings, MLMDecoder) else \
+            MLMDecoder.sharing(new_embeddings)
 
     def _head_flops(self, input_ids, labels=None, **_) -> float:
         scored = input_ids.numel() if labels is None else int((labels != -100).sum())  # see forward
         return 2 * scored * self.config.hidden_size * (self.config.hidden_size + self.config.vocab_size)
 
-    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
-                token_type_ids=None) -> ModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None) -> LongformerMaskedLMOutput | tuple:
         """Training with labels scores only the labelled (masked) positions, in chunks
-        (LinearCrossEntropy): the same loss without the (B, N, V) logits, which at N=4096 and V=50k
-        cost more than the encoder layers; then `.logits` is None. In eval mode, or without labels,
-        `.logits` is (B, N, V) as usual."""
-        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
-        hidden = out.last_hidden_state  # (B, N, C)
+        (losses.linear_cross_entropy): the same loss without the (B, N, V) logits, which at N=4096
+        and V=50k cost more than the encoder layers; then `.logits` is None. In eval mode, or
+        without labels, `.logits` is (B, N, V) as usual."""
+        encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                                  inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
+        hidden = encoded.last_hidden_state  # (B, N, C)
         if labels is not None and self.training and torch.is_grad_enabled():
             scored = labels != -100  # M masked tokens; their logits are never held at once
             if scored.any():
                 loss = self.lm_head(hidden[scored], labels[scored])
             else:  # nothing to score: a zero loss that still reaches every head weight (ZeRO expects it)
                 loss = self.lm_head(hidden[scored]).sum() * 0.0
-            return ModelOutput(loss=loss, logits=None, last_hidden_state=hidden)
+            return self._outputs(LongformerMaskedLMOutput(loss=loss, **self._extras(encoded)), return_dict)
         logits = self.lm_head(hidden)  # (B, N, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden)
+        return self._outputs(LongformerMaskedLMOutput(loss=loss, logits=logits, **self._extras(encoded)), return_dict)
 
 
-def _cls_global_mask(input_ids: Tensor, global_attention_mask: Tensor | None) -> Tensor:
-    """Default for classification: global attention on the first token (<s> / [CLS])."""
-    if global_attention_mask is not None:
-        return global_attention_mask
-    mask = torch.zeros_like(input_ids)
-    mask[:, 0] = 1
-    return mask
-
-
-class LongformerClassificationHead(nn.Module):
-    """dense -> tanh -> out_proj on the first token, as Hugging Face's."""
-
-    def __init__(self, config: LongformerConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        x = self.dropout(hidden[:, 0])
-        x = self.dropout(torch.tanh(self.dense(x)))
-        return self.out_proj(x)
-
-
+# ---- sequence classification ---------------------------------------------------------------------
 class LongformerForSequenceClassification(LongformerPreTrainedModel):
-    hf_architecture = "LongformerForSequenceClassification"
-
     def __init__(self, config: LongformerConfig):
         super().__init__(config)
         self.longformer = LongformerModel(config, add_pooling_layer=False)
         self.classifier = LongformerClassificationHead(config)
-        self.init_weights()
+        self.post_init()
 
-    def _default_global_mask(self, input_ids, global_attention_mask):
-        return _cls_global_mask(input_ids, global_attention_mask)
+    def _default_global_mask(self, input_ids, global_attention_mask, inputs_embeds=None):
+        """Global attention on the first token (<s> / [CLS]) unless a mask is given."""
+        if global_attention_mask is not None:
+            return global_attention_mask
+        like = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        mask = torch.zeros(like.shape, dtype=torch.long, device=like.device)
+        mask[:, 0] = 1
+        return mask
 
     def _head_flops(self, input_ids, **_) -> float:
         c = self.config
         return 2 * input_ids.shape[0] * c.hidden_size * (c.hidden_size + c.num_labels)
 
-    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, labels=None,
-                token_type_ids=None) -> ModelOutput:
-        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
-        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
-        logits = self.classifier(out.last_hidden_state)  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = self._loss(logits.float(), labels)
-        return ModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state)
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None) -> LongformerSequenceClassifierOutput | tuple:
+        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask, inputs_embeds)
+        encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                                  inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
+        logits = self.classifier(encoded.last_hidden_state)  # (B, num_labels)
+        loss = None if labels is None else self._loss(logits.float(), labels)
+        return self._outputs(LongformerSequenceClassifierOutput(loss=loss, logits=logits, **self._extras(encoded)),
+                             return_dict)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """transformers' rule: config.problem_type, else regression for one label, single-label
@@ -482,6 +528,111 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
                          "multi_label_classification")
 
 
+# ---- question answering, token classification, multiple choice -----------------------------------
+class LongformerForQuestionAnswering(LongformerPreTrainedModel):
+    """Start and end logits of the answer span (B, N) each; loss: the mean of their cross-entropies
+    (positions outside the input are ignored). Without global_attention_mask the question (every
+    token before the first sep token) gets global attention, as transformers'."""
+
+    def __init__(self, config: LongformerConfig):
+        if config.num_labels != 2:
+            raise ValueError(f"num_labels={config.num_labels}: question answering scores a start and an end per "
+                             "token, num_labels must be 2")
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def _default_global_mask(self, input_ids, global_attention_mask):
+        if global_attention_mask is not None or input_ids is None:
+            return global_attention_mask
+        return question_global_mask(input_ids, self.config.sep_token_id)
+
+    def _head_flops(self, input_ids, **_) -> float:
+        return 2 * input_ids.numel() * self.config.hidden_size * self.config.num_labels
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, start_positions=None, end_positions=None,
+                output_attentions=None, output_hidden_states=None,
+                return_dict=None) -> LongformerQuestionAnsweringModelOutput | tuple:
+        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
+        encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                                  inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
+        start_logits, end_logits = self.qa_outputs(encoded.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]  # a position outside the input is clamped here and not scored
+            start_positions = start_positions.view(-1).clamp(0, ignored)
+            end_positions = end_positions.view(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits.float(), start_positions, ignore_index=ignored)
+                    + F.cross_entropy(end_logits.float(), end_positions, ignore_index=ignored)) / 2
+        return self._outputs(LongformerQuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, **self._extras(encoded)), return_dict)
+
+
+class LongformerForTokenClassification(LongformerPreTrainedModel):
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def _head_flops(self, input_ids, **_) -> float:
+        return 2 * input_ids.numel() * self.config.hidden_size * self.config.num_labels
+
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None) -> LongformerTokenClassifierOutput | tuple:
+        encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                                  inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(encoded.last_hidden_state))  # (B, N, num_labels)
+        loss = None if labels is None else F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+        return self._outputs(LongformerTokenClassifierOutput(loss=loss, logits=logits, **self._extras(encoded)),
+                             return_dict)
+
+
+class LongformerForMultipleChoice(LongformerPreTrainedModel):
+    """Inputs (B, K, N) for K choices; logits (B, K) from the pooled first token of each. Without
+    global_attention_mask each choice's tokens after its first two sep tokens get global
+    attention, as transformers'."""
+
+    def __init__(self, config: LongformerConfig):
+        super().__init__(config)
+        self.longformer = LongformerModel(config)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def _default_global_mask(self, input_ids, global_attention_mask):
+        if global_attention_mask is not None or input_ids is None:
+            return global_attention_mask
+        return question_global_mask(input_ids, self.config.sep_token_id, after=True)
+
+    def _head_flops(self, input_ids, **_) -> float:
+        choices, c = input_ids.numel() // input_ids.shape[-1], self.config.hidden_size
+        return 2 * choices * c * (c + 1)  # pooler and classifier
+
+    def forward(self, input_ids=None, token_type_ids=None, attention_mask=None, global_attention_mask=None,
+                labels=None, position_ids=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None) -> LongformerMultipleChoiceModelOutput | tuple:
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        global_attention_mask = self._default_global_mask(input_ids, global_attention_mask)
+
+        def flat(x: Tensor | None) -> Tensor | None:  # (B, K, N, ...) -> (B K, N, ...)
+            return None if x is None else x.flatten(0, 1)
+
+        encoded = self.longformer(flat(input_ids), flat(attention_mask), flat(global_attention_mask),
+                                  flat(token_type_ids), flat(position_ids), flat(inputs_embeds), output_attentions,
+                                  output_hidden_states, return_dict=True)
+        logits = self.classifier(self.dropout(encoded.pooler_output)).view(-1, num_choices)  # (B, K)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return self._outputs(LongformerMultipleChoiceModelOutput(loss=loss, logits=logits, **self._extras(encoded)),
+                             return_dict)
+
+
+# ---- candidate scoring (WikiHop) ------------------------------------------------------------------
 class LongformerForCandidateScoring(LongformerPreTrainedModel):
     """Scores candidate answers at given token positions (the paper's WikiHop model).
 
@@ -490,27 +641,28 @@ class LongformerForCandidateScoring(LongformerPreTrainedModel):
     candidate_mask is False; loss = cross-entropy over the candidates.
     """
 
-    hf_architecture = "LongformerForCandidateScoring"
-
     def __init__(self, config: LongformerConfig):
         super().__init__(config)
         self.longformer = LongformerModel(config, add_pooling_layer=False)
         self.qa_score = nn.Linear(config.hidden_size, 1)
-        self.init_weights()
+        self.post_init()
 
     def _head_flops(self, input_ids, candidate_positions=None, **_) -> float:
         return 0.0 if candidate_positions is None else 2 * candidate_positions.numel() * self.config.hidden_size
 
-    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, candidate_positions=None,
-                candidate_mask=None, labels=None, token_type_ids=None) -> ModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, candidate_positions=None,
+                candidate_mask=None, labels=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                output_attentions=None, output_hidden_states=None,
+                return_dict=None) -> LongformerSequenceClassifierOutput | tuple:
         if candidate_positions is None:
             raise ValueError("LongformerForCandidateScoring needs candidate_positions (B, K)")
-        out = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids)
-        hidden = out.last_hidden_state
+        encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
+                                  inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
+        hidden = encoded.last_hidden_state
         idx = candidate_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
         logits = self.qa_score(hidden.gather(1, idx)).squeeze(-1).float()  # (B, K)
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.bool(), float("-inf"))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden)
-
+        return self._outputs(LongformerSequenceClassifierOutput(loss=loss, logits=logits, **self._extras(encoded)),
+                             return_dict)

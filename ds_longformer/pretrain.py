@@ -31,11 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from . import LongformerForMaskedLM
-from .checkpoint import copy_local_to_global, mismatched_shapes, read_config_json, read_state_dict
 from .convert import convert_to_long, has_mlm_head
 from .data.collate import pad_batch
 from .data.mlm import MLMCollator, mask_tokens
@@ -52,6 +50,8 @@ from .tasks_common import (
     resolve_model_path,
     task_parser,
 )
+from .short_encoders import copy_local_to_global
+from .weights import load_state_dict_into, read_config_json, read_state_dict
 
 
 def build_parser():
@@ -74,36 +74,20 @@ def build_parser():
 # ---- model --------------------------------------------------------------------------------------
 @model_loader
 def load_long_model(model_path: Path, max_pos: int, attention_window: int) -> tuple[LongformerForMaskedLM, bool]:
-    """(long MLM model, whether it was converted from a short one)."""
+    """(long MLM model in training mode, whether it was converted from a short one)."""
     if read_config_json(model_path).get("model_type") == "longformer":
-        return LongformerForMaskedLM.from_pretrained(model_path), False
+        return LongformerForMaskedLM.from_pretrained(model_path).train(), False
     if not has_mlm_head(model_path):
         raise TaskError(f"{model_path} has no MLM head (lm_head.* / cls.predictions.*): MLM pretraining "
                         "needs the short model's ...ForMaskedLM weights")
-    return convert_to_long(model_path, max_pos, attention_window), True
+    return convert_to_long(model_path, max_pos, attention_window).train(), True
 
 
 @model_loader
 def load_weights(model: LongformerForMaskedLM, path: str | Path) -> None:
-    """Load --state_dict_path: a save_pretrained folder, or a file holding model.state_dict()."""
-    path = Path(path)
-    if path.is_dir():
-        state = read_state_dict(path)
-    elif path.suffix == ".safetensors":
-        state = load_file(path)
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise TaskError(f"--state_dict_path {path} does not exist")
-    mismatched = mismatched_shapes(state, model.state_dict())
-    if mismatched:
-        raise TaskError(f"--state_dict_path {path} does not fit the model's shapes: {mismatched[:5]}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = set(missing) - set(model.tied_weights)  # save_pretrained writes tied tensors once
-    if missing or unexpected:
-        raise TaskError(f"--state_dict_path {path} does not fit the model: missing {sorted(missing)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]}")
-    model.tie_weights()
+    """Load --state_dict_path: a save_pretrained folder, or a file holding model.state_dict()
+    (weights.read_state_dict); every weight must fit (weights.load_state_dict_into, strict)."""
+    load_state_dict_into(model, read_state_dict(path), f"--state_dict_path {path}", strict=True)
 
 
 def copy_global_projections(folder: Path) -> None:

@@ -167,7 +167,7 @@ def fine_tune(name: str, model_dir: Path | str, train_ds, eval_ds, tokenizer, ar
     # No dropout on attention probabilities: it makes the CPU band attention about 1.8x slower
     # (random masks drawn in forward and again in backward), and 30 demo steps need no regularising.
     model = LongformerForSequenceClassification.from_pretrained(model_dir, num_labels=2,
-                                                                attention_probs_dropout_prob=0.0, **overrides)
+                                                                attention_probs_dropout_prob=0.0, **overrides).train()
     every = max(1, math.ceil(args.steps / max(1, args.evals)))
     trainer_args = TrainerArgs(
         deepspeed_config=args.deepspeed_config, batch_size=per_rank_batch(args.batch_size), lr=args.lr,

@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import read_config_json
 from .data import DataFormatError, DatasetNotFoundError
 from .data.common import cache_key, cached_dataset
 from .engine import UserError, add_trainer_args, rank_zero_first
+from .weights import read_config_json
 
 BASELINE_MAX_LEN = 512  # the RoBERTa baseline reads at most this many tokens (the paper's setting)
 SHORT_MODEL = "distilbert/distilroberta-base"  # the seed scripts' short model and tokenizer
@@ -86,7 +86,7 @@ def load_tokenizer(name: str):
 
 
 def model_loader(load):
-    """Errors of reading a model folder (checkpoint.py and config.py raise FileNotFoundError or
+    """Errors of reading a model folder (weights.py and config.py raise FileNotFoundError or
     ValueError naming the folder and the problem) become TaskErrors: a message, not a traceback."""
     @functools.wraps(load)
     def run(*args, **kwargs):
@@ -103,13 +103,13 @@ def _model_type(path: Path) -> str | None:
 
 @model_loader
 def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
-    """(model, input length) from a Longformer folder; the length defaults to the model's."""
+    """(model in training mode, input length) from a Longformer folder; the length defaults to the model's."""
     path = resolve_model_path(str(path))
     if _model_type(path) != "longformer":
         raise TaskError(f"{path} holds a {_model_type(path)!r} model, not a Longformer: convert it first "
                         f"(python -m ds_longformer.convert --source {path} --output DIR, or "
                         "python -m ds_longformer.pretrain), then pass the long model's folder")
-    model = cls.from_pretrained(path, **overrides)
+    model = cls.from_pretrained(path, **overrides).train()  # from_pretrained gives eval mode, as transformers'
     max_len = max_seq_len or model.config.max_tokens
     if max_len > model.config.max_tokens:
         raise TaskError(f"--max_seq_len {max_len} exceeds the {model.config.max_tokens} positions of {path}")
@@ -118,12 +118,12 @@ def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **ove
 
 @model_loader
 def load_baseline(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
-    """(model, input length) for the RoBERTa baseline: full attention over at most 512 tokens."""
+    """(model in training mode, input length) for the RoBERTa baseline: full attention over at most 512 tokens."""
     path = resolve_model_path(str(path))
     # A window of twice the position table covers every pair of tokens: full attention, computed
     # by the dense backend (the blocked one would gather three 512-token blocks per block).
     window = 2 * read_config_json(path)["max_position_embeddings"]
-    model = cls.from_pretrained(path, attention_window=window, attention_backend="dense", **overrides)
+    model = cls.from_pretrained(path, attention_window=window, attention_backend="dense", **overrides).train()
     max_len = min(max_seq_len or BASELINE_MAX_LEN, BASELINE_MAX_LEN, model.config.max_tokens)
     return model, max_len
 

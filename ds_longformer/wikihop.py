@@ -5,8 +5,8 @@
     python -m ds_longformer.wikihop --model_path distilbert/distilroberta-base     # RoBERTa baseline
     torchrun --nproc_per_node 4 -m ds_longformer.wikihop --longformer ... --deepspeed_config zero2
 
-Input (see ds_longformer.data.wikihop): the tokens [q] [/q] [ent] [/ent] are added (new embeddings
-drawn around the existing ones' mean and std);
+Input (see ds_longformer.data.wikihop): the tokens [q] [/q] [ent] [/ent] are added (the model's
+resize_token_embeddings draws their embeddings around the existing ones' mean);
 ``<s> [q] question [/q] [ent] c1 [/ent] ... </s> support1 </s> support2 ...``; global attention on
 the whole question + candidates prefix; a linear score on each candidate's [ent] token. Documents
 longer than the input length (--max_seq_len, default the model's length; 512 for the baseline) are
@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 
 from . import LongformerForCandidateScoring
 from .data.wikihop import WikiHopChunkDataset, add_wikihop_tokens, average_chunk_scores, collate_wikihop, load_wikihop
 from .engine import Trainer, TrainerArgs, rank_zero_first, seed_everything, setup_logging
-from .model import ModelOutput
+from .model import LongformerSequenceClassifierOutput
 from .tasks_common import (
     SHORT_MODEL,
     TaskError,
@@ -51,14 +50,15 @@ class WikiHopModel(LongformerForCandidateScoring):
     averaged per example; padded candidates (``candidate_mask`` False) get the dtype's minimum."""
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, candidate_positions=None,
-                chunk_to_example=None, candidate_mask=None, labels=None, token_type_ids=None) -> ModelOutput:
+                chunk_to_example=None, candidate_mask=None, labels=None,
+                token_type_ids=None) -> LongformerSequenceClassifierOutput:
         if chunk_to_example is None:
             raise ValueError("WikiHopModel needs chunk_to_example (rows,): see data.wikihop.collate_wikihop")
         chunk_scores = super().forward(input_ids, attention_mask, global_attention_mask, candidate_positions,
                                        token_type_ids=token_type_ids)
         logits = average_chunk_scores(chunk_scores.logits, chunk_to_example, candidate_mask)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits)
+        return LongformerSequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def build_parser():
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)  # the scoring head and the new embedding rows
     load_model = load_longformer if args.longformer else load_baseline
     model, max_len = load_model(WikiHopModel, model_path, args.max_seq_len)
-    add_wikihop_tokens(tokenizer, model, generator=torch.Generator().manual_seed(args.seed))
+    model.resize_token_embeddings(len(tokenizer))  # the WikiHop tokens' rows
     splits = {}
     for split in ("train", "val"):
         try:  # global attention on the prefix for the Longformer; none for the baseline (exactly RoBERTa)

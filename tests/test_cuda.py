@@ -104,3 +104,26 @@ def test_trainer_on_one_gpu(tmp_path, config, precision):
     params = torch.load(tmp_path / "dump" / "params_rank0.pt")
     assert all(torch.isfinite(p).all() for p in params.values())
     assert torch.isfinite(torch.load(tmp_path / "dump" / "logits.pt")).all()
+
+
+@pytest.mark.parametrize("backend", ["flex", "blocked"])
+def test_attentions_and_every_gradient_on_cuda(backend):
+    """output_attentions gives the same probabilities with every backend (computed apart from the
+    band kernels), and a training step gives every parameter a gradient, on the GPU too."""
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=1026, attention_window=128,
+                           attention_backend="dense", attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    model = LongformerForMaskedLM(cfg).cuda()
+    ids, am, gm = batch(2, 1000, "cuda")
+    with torch.no_grad():
+        reference = model(ids, am, gm, output_attentions=True)
+        model.set_attention_backend(backend)
+        ours = model(ids, am, gm, output_attentions=True)
+    for a, b in zip(ours.attentions + ours.global_attentions, reference.attentions + reference.global_attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.logits, reference.logits, rtol=1e-4, atol=1e-4)
+    model.train()
+    labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
+    model(ids, am, torch.zeros_like(gm), labels=labels).loss.backward()  # no global token: zero gradients
+    assert all(p.grad is not None for p in model.parameters())

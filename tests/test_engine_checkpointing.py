@@ -84,15 +84,15 @@ def test_rolled_back_run_never_leaves_latest_on_a_half_written_checkpoint(tmp_pa
 
 
 def test_resume_drops_a_best_model_exported_after_the_checkpoint(tmp_path):
-    """The crashed run exported best_model/ at step 4 (mode max), after its last complete
+    """The crashed run exported best_model/ at step 4 (mode min), after its last complete
     checkpoint (step 2, whose best was step 2): the resumed run must not keep step 4's weights as
     the best of its own history."""
-    flags = ["--max_steps", "4", "--save_every_n_steps", "2", "--val_check_interval", "2", "--best_mode", "max",
+    flags = ["--max_steps", "4", "--save_every_n_steps", "2", "--val_check_interval", "2", "--best_mode", "min",
              "--n_train", "8", "--batch_size", "1"]
     crashed = train(tmp_path, *flags, "--crash_during_save_at", "4", check=False)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     marker = run_dir(tmp_path) / "best_model" / "best_step.json"
-    assert json.loads(marker.read_text())["step"] == 4  # the loss rose from step 2 to 4 (seeded)
+    assert json.loads(marker.read_text())["step"] == 4  # the loss fell from step 2 to 4 (seeded)
     train(tmp_path, *flags, "--resume", "latest")
     summary = json.loads((tmp_path / "dump" / "summary.json").read_text())
     # best_model/ is either gone (the resumed run never beat step 2) or its own best, never the crashed run's

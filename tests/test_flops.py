@@ -7,8 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ds_longformer import flops
 from ds_longformer.config import LongformerConfig
-from ds_longformer.model import (LongformerForCandidateScoring, LongformerForMaskedLM,
-                                 LongformerForSequenceClassification)
+from ds_longformer.model import (LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForMultipleChoice,
+                                 LongformerForQuestionAnswering, LongformerForSequenceClassification,
+                                 LongformerForTokenClassification)
 
 N = 24
 
@@ -19,7 +20,7 @@ def tiny(cls, window: int = 2 * N, **kw):
     cfg = LongformerConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, attention_window=window, max_position_embeddings=64,
                            attention_backend="dense", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           num_labels=3, **kw)
+                           **{"num_labels": 3, **kw})
     torch.manual_seed(0)
     return cls(cfg).train()
 
@@ -43,12 +44,10 @@ def test_band_pairs_counts_the_window():
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 3])  # the loss in one chunk, or summed over 3-row chunks
-def test_masked_lm_train_flops_equal_torch_count(monkeypatch, chunk_rows):
-    from ds_longformer import model as model_module
-
-    if chunk_rows:
-        monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk_rows * 101)
+def test_masked_lm_train_flops_equal_torch_count(chunk_rows):
     model = tiny(LongformerForMaskedLM)
+    if chunk_rows:
+        model.lm_head.decoder.chunk_elements = chunk_rows * 101
     ids = torch.randint(3, 100, (2, N))
     labels = torch.full_like(ids, -100)
     labels[:, ::5] = ids[:, ::5]  # the head scores only these 10 positions
@@ -60,6 +59,22 @@ def test_candidate_scoring_train_flops_equal_torch_count():
     model = tiny(LongformerForCandidateScoring)
     ids = torch.randint(3, 100, (2, N))
     batch = dict(input_ids=ids, candidate_positions=torch.tensor([[3, 7, 9], [4, 5, 6]]), labels=torch.tensor([0, 2]))
+    assert model.train_flops(**batch) == counted(model, **batch)
+
+
+@pytest.mark.parametrize("head", ["qa", "tokens", "choices"])
+def test_other_heads_train_flops_equal_torch_count(head):
+    """Question answering, token classification and multiple choice (B x K choices of N tokens),
+    without global tokens (an explicit all-zero global_attention_mask)."""
+    cls = {"qa": LongformerForQuestionAnswering, "tokens": LongformerForTokenClassification,
+           "choices": LongformerForMultipleChoice}[head]
+    model = tiny(cls, **({"num_labels": 2} if head == "qa" else {}))
+    shape = (2, 3, N) if head == "choices" else (2, N)
+    ids = torch.randint(3, 100, shape)
+    batch = dict(input_ids=ids, global_attention_mask=torch.zeros_like(ids))
+    batch.update({"qa": dict(start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])),
+                  "tokens": dict(labels=torch.randint(0, 3, shape)),
+                  "choices": dict(labels=torch.tensor([0, 2]))}[head])
     assert model.train_flops(**batch) == counted(model, **batch)
 
 

@@ -10,42 +10,13 @@ import transformers
 
 from ds_longformer import (
     AttentionLayout,
-    LongformerConfig,
     LongformerForMaskedLM,
     LongformerForSequenceClassification,
     LongformerModel,
     LongformerSelfAttention,
 )
 from ds_longformer.convert import convert, extend_position_table
-
-TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=200, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-def tiny_config(**kw):
-    return LongformerConfig(**{**TINY, **kw})
-
-
-def make_batch(B, N, pad_lengths=(), globals_=(), vocab=120, pad_id=1, seed=0):
-    """Random ids; example b is padded to pad_lengths[b]; globals_[b] lists its global positions."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (B, N), generator=g)
-    am = torch.ones(B, N, dtype=torch.long)
-    for b, length in enumerate(pad_lengths):
-        am[b, length:] = 0
-    ids[am == 0] = pad_id
-    gm = torch.zeros(B, N, dtype=torch.long)
-    for b, positions in enumerate(globals_):
-        gm[b, list(positions)] = 1
-    return ids, am, gm
-
-
-def hf_twin(model, tmp_path, hf_cls):
-    model.save_pretrained(tmp_path)
-    hf, info = hf_cls.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    return hf.eval()
-
+from tests.model_helpers import TINY, hf_twin, make_batch, tiny_config
 
 CASES = {
     "batch_padding_no_global": dict(B=3, N=37, pad_lengths=(37, 30, 9), globals_=()),
@@ -74,11 +45,9 @@ def test_matches_transformers_forward_and_gradients(case, windows, tmp_path):
     ours.loss.backward()
     theirs.loss.backward()
     hf_params = dict(hf.named_parameters())
-    for name, p in model.named_parameters():
-        if p.grad is None:  # e.g. global projections when there are no global tokens
-            assert hf_params[name].grad is None or hf_params[name].grad.abs().max() < 1e-7, name
-            continue
-        assert (p.grad - hf_params[name].grad).abs().max() < 1e-5, name
+    for name, p in model.named_parameters():  # every one has a gradient, zeros where HF has none
+        hf_grad = hf_params[name].grad
+        assert (p.grad - (torch.zeros_like(p) if hf_grad is None else hf_grad)).abs().max() < 1e-5, name
 
 
 @pytest.mark.parametrize("global_path", ["absorbed", "projected"])
@@ -108,12 +77,9 @@ def test_attention_module_matches_transformers_input_gradients(globals_, global_
     (out2 * w).sum().backward()
     assert (x1.grad - x2.grad).abs().max() < 1e-5
     theirs_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
+    for name, p in ours.named_parameters():  # every one has a gradient, zeros where HF has none
         hf_grad = theirs_params[name].grad
-        if p.grad is None:  # e.g. the global projections without global tokens: HF's must be zero too
-            assert hf_grad is None or hf_grad.abs().max() < 1e-7, name
-        else:
-            assert (p.grad - hf_grad).abs().max() < 1e-5, name
+        assert (p.grad - (torch.zeros_like(p) if hf_grad is None else hf_grad)).abs().max() < 1e-5, name
 
 
 @pytest.mark.parametrize("block", [None, 2, 3, 16])
@@ -146,22 +112,21 @@ def test_backends_agree_forward_and_gradients(block, globals_):
 @pytest.mark.parametrize("batch", [dict(pad_lengths=(45, 30), globals_=([0, 44], [3])),  # no block alike
                                    dict(pad_lengths=(45, 45), globals_=([0], [2]))],  # interior blocks
                          ids=["padding_uneven_globals", "interior_blocks"])
-def test_cpu_chunked_path_equals_sdpa_autograd_path(monkeypatch, dtype, batch):
+def test_cpu_chunked_path_equals_sdpa_autograd_path(dtype, batch):
     """The chunked CPU kernel path (no stored key blocks) against plain SDPA autograd over blocks,
     with chunks whose blocks share the interior mask (one broadcast bias) and chunks built per block."""
-    import ds_longformer.attention as attention
+    from ds_longformer.attention import blocked_band
 
-    monkeypatch.setattr(attention, "CHUNK_TOKENS", 8)  # several chunks, a ragged last one
     torch.manual_seed(0)
     B, N, H, D = 2, 45, 2, 8
     _, am, gm = make_batch(B, N, **batch)
     q, k, v = (torch.randn(B, N, H, D, dtype=dtype) for _ in range(3))
     layout = AttentionLayout.build(am, gm)
     results = []
-    for flash in (True, False):
-        monkeypatch.setattr(attention, "CPU_CHUNKED", flash)
+    for chunked in (True, False):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        out = attention.blocked_local_attention(*leaves, layout, 8, 4, 0.0)
+        # chunks of 8 queries: several chunks, a ragged last one
+        out = blocked_band(*leaves, layout, 8, 0.0, 4, cpu_chunked=chunked, chunk_tokens=8)
         out.float().pow(2).sum().backward()
         results.append([out.detach().float()] + [x.grad.float() for x in leaves])
     plain = layout.cached(("chunk_bias", 8, 4), None).plain  # which blocks took the shared bias
@@ -173,15 +138,16 @@ def test_cpu_chunked_path_equals_sdpa_autograd_path(monkeypatch, dtype, batch):
 
 def _chunked_dropout_reference(q, k, v, layout, window, block, p, seed):
     """The chunked CPU path with dropout written with autograd ops (same chunks, same masks)."""
-    from ds_longformer.attention import _block_geometry, _blocked_mask, _Blocks, _chunks, dropout_keep
+    from ds_longformer.attention.blocks import Blocks, block_geometry, blocked_mask
+    from ds_longformer.attention.cpu_chunked import _chunks, dropout_keep
 
     B, N, H, D = q.shape
-    _, b, halo, n = _block_geometry(N, window, block)
-    blocks = _Blocks(B, N, H, D, b, halo, n, layout.global_idx)
-    mask = _blocked_mask(layout, window, b).view(B, n, 1, b, -1)
+    _, b, halo, n = block_geometry(N, window, block)
+    blocks = Blocks(B, N, H, D, b, halo, n, layout.global_idx)
+    mask = blocked_mask(layout, window, b).view(B, n, 1, b, -1)
     kg, vg = blocks.global_rows(k), blocks.global_rows(v)
     out = torch.zeros_like(q)
-    for i0, i1 in _chunks(n, b):
+    for i0, i1 in _chunks(n, b, chunk_tokens=8):
         qc = blocks.chunk_queries(q, i0, i1)
         scores = qc @ blocks.chunk_keys(k, kg, i0, i1).transpose(-1, -2) / D ** 0.5
         scores = scores.masked_fill(~mask[:, i0:i1].flatten(0, 1), float("-inf"))
@@ -194,12 +160,11 @@ def _chunked_dropout_reference(q, k, v, layout, window, block, p, seed):
     return out
 
 
-def test_cpu_dropout_path_matches_autograd_reference(monkeypatch):
+def test_cpu_dropout_path_matches_autograd_reference():
     """Attention dropout inside the chunked CPU path: hand-written backward (probabilities from
     the log-sum-exp, dropout mask drawn again from its seed) == autograd over the same maths."""
-    import ds_longformer.attention as attention
+    from ds_longformer.attention import blocked_band
 
-    monkeypatch.setattr(attention, "CHUNK_TOKENS", 8)
     B, N, H, D = 2, 45, 2, 8
     _, am, gm = make_batch(B, N, (N, 30), ([0, 44], [3]))
     layout = AttentionLayout.build(am, gm)
@@ -209,25 +174,26 @@ def test_cpu_dropout_path_matches_autograd_reference(monkeypatch):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
         torch.manual_seed(7)
         if fn == "ours":
-            out = attention.blocked_local_attention(*leaves, layout, 8, 4, 0.3)
+            out = blocked_band(*leaves, layout, 8, 0.3, 4, chunk_tokens=8)
         else:
-            seed = int(torch.randint(0, 2**62, ()))  # what blocked_local_attention draws
+            seed = int(torch.randint(0, 2**62, ()))  # what blocked_band draws
             out = _chunked_dropout_reference(*leaves, layout, 8, 4, 0.3, seed)
         out.pow(2).sum().backward()
         results.append([out.detach()] + [x.grad for x in leaves])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.manual_seed(8)  # another seed, another mask
-    other = attention.blocked_local_attention(q, k, v, layout, 8, 4, 0.3)
+    other = blocked_band(q, k, v, layout, 8, 0.3, 4, chunk_tokens=8)
     assert (other - results[0][0]).abs().max() > 1e-3
 
 
 def test_absorbed_global_rows_backward_matches_autograd_with_dropout():
     """AbsorbedGlobalRows' hand-written backward against autograd over the same maths and the same
-    dropout draw: gradients of the hidden states and of all global projection parameters."""
+    dropout draw: gradients of the hidden states and of all global projection parameters (key_global's
+    bias: zero, as softmax cancels it)."""
     import math
 
-    from ds_longformer.attention import AbsorbedGlobalRows
+    from ds_longformer.attention.global_rows import AbsorbedGlobalRows
 
     torch.manual_seed(0)
     B, N, C, H, p = 2, 23, 16, 4, 0.3
@@ -235,13 +201,15 @@ def test_absorbed_global_rows_backward_matches_autograd_with_dropout():
     _, am, gm = make_batch(B, N, (N, 17), ([0, 5, 22], [3]))  # padding, and an unused global slot
     layout = AttentionLayout.build(am, gm)
     hidden = torch.randn(B, N, C)
-    params = [torch.randn(C, C) / 4, torch.randn(C), torch.randn(C, C) / 4, torch.randn(C, C) / 4, torch.randn(C)]
+    params = [torch.randn(C, C) / 4, torch.randn(C), torch.randn(C, C) / 4, torch.randn(C), torch.randn(C, C) / 4,
+              torch.randn(C)]
     grad_out = torch.randn(B, H, layout.num_global, D)
 
-    def reference(x, w_q, b_q, w_k, w_v, b_v):  # projecting every token, as the "projected" path does
+    def reference(x, w_q, b_q, w_k, b_k, w_v, b_v):  # projecting every token, as the "projected" path does
         heads = lambda t: t.view(B, -1, H, D).transpose(1, 2)  # noqa: E731
         rows = layout.global_idx[:, :, None].expand(-1, -1, C)
-        q_g, k_g, v_g = heads(F.linear(x.gather(1, rows), w_q, b_q)), heads(x @ w_k.T), heads(F.linear(x, w_v, b_v))
+        q_g, k_g, v_g = (heads(F.linear(x.gather(1, rows), w_q, b_q)), heads(F.linear(x, w_k, b_k)),
+                         heads(F.linear(x, w_v, b_v)))
         scores = (q_g @ k_g.transpose(-1, -2) / math.sqrt(D)).masked_fill(~layout.valid[:, None, None, :], -math.inf)
         probs = scores.softmax(-1)
         keep = torch.empty_like(probs).bernoulli_(1 - p) / (1 - p)  # the Function's one random draw
@@ -258,6 +226,7 @@ def test_absorbed_global_rows_backward_matches_autograd_with_dropout():
     torch.testing.assert_close(results[0][0] * valid, results[1][0] * valid, rtol=1e-5, atol=1e-5)
     for ours, ref in zip(results[0][1:], results[1][1:]):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert not results[0][5].any()  # key_global's bias: exactly zero
 
 
 @pytest.mark.parametrize("global_path", ["absorbed", "projected"])
@@ -293,7 +262,8 @@ def test_autocast_bf16_training_step_with_global_tokens(global_path):
 def test_attention_dropout_mask_statistics():
     """Kept with probability 1 - p (p quantised to 1/65536), kept values scaled by 1 / (1 - p),
     so the expected output equals the output without dropout."""
-    from ds_longformer.attention import blocked_local_attention, dropout_keep
+    from ds_longformer.attention import blocked_band
+    from ds_longformer.attention.cpu_chunked import dropout_keep
 
     torch.manual_seed(0)
     keep, scale = dropout_keep(torch.Size([1000, 1000]), 0.1, seed=3)
@@ -312,21 +282,19 @@ def test_attention_dropout_mask_statistics():
     _, am, gm = make_batch(1, 40, (), ([0],))
     layout = AttentionLayout.build(am, gm)
     q, k, v = (torch.randn(1, 40, 2, 8) for _ in range(3))
-    plain = blocked_local_attention(q, k, v, layout, 8, None, 0.0)
-    mean = torch.stack([blocked_local_attention(q, k, v, layout, 8, None, 0.5) for _ in range(400)]).mean(0)
-    one = blocked_local_attention(q, k, v, layout, 8, None, 0.5)
+    plain = blocked_band(q, k, v, layout, 8, 0.0)
+    mean = torch.stack([blocked_band(q, k, v, layout, 8, 0.5) for _ in range(400)]).mean(0)
+    one = blocked_band(q, k, v, layout, 8, 0.5)
     # the error of the 400-sample mean shrinks as 1 / sqrt(400) against one sample's
     assert (mean - plain).abs().mean() < 0.1 * (one - plain).abs().mean()
 
 
-def test_training_mlm_loss_scores_only_masked_positions(monkeypatch):
+def test_training_mlm_loss_scores_only_masked_positions():
     """In training mode the MLM head runs on the labelled rows only, in chunks (here of 3 rows):
     same loss and gradients as the eval path's full logits."""
-    from ds_longformer import model as model_module
-
-    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", 3 * tiny_config().vocab_size)
     torch.manual_seed(0)
     model = LongformerForMaskedLM(tiny_config())
+    model.lm_head.decoder.chunk_elements = 3 * tiny_config().vocab_size
     ids, am, gm = make_batch(2, 30, (30, 21), ([0], [4]))
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
     losses, grads = [], []
@@ -355,21 +323,20 @@ def test_training_batch_without_masked_tokens_gives_zero_loss_and_zero_head_grad
 
 @pytest.mark.parametrize("chunk_rows,dtype", [(1, torch.float32), (4, torch.float32), (100, torch.float32),
                                               (4, torch.bfloat16), (100, torch.bfloat16)])
-def test_linear_cross_entropy_matches_autograd(monkeypatch, chunk_rows, dtype):
+def test_linear_cross_entropy_matches_autograd(chunk_rows, dtype):
     """The chunked MLM loss: the loss and the gradients of features, weight and bias equal those of
     F.cross_entropy over F.linear's logits, in 1-row, 4-row and single chunks, under a loss scale;
     in bf16 to bf16's precision."""
-    from ds_longformer import model as model_module
+    from ds_longformer.losses import linear_cross_entropy
 
     V = 37
-    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk_rows * V)
     torch.manual_seed(0)
     x, w, b = torch.randn(10, 16), torch.randn(V, 16), torch.randn(V)
     targets = torch.randint(0, V, (10,))
     results = []
     for fused in (True, False):
         leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
-        loss = (model_module.LinearCrossEntropy.apply(*leaves, targets) if fused
+        loss = (linear_cross_entropy(*leaves, targets, chunk_rows * V) if fused
                 else F.cross_entropy(F.linear(*leaves).float(), targets))
         (loss * 3.0).backward()  # e.g. DeepSpeed's loss scale or 1 / accumulation steps
         results.append([loss.detach()] + [t.grad for t in leaves])
@@ -381,14 +348,14 @@ def test_linear_cross_entropy_matches_autograd(monkeypatch, chunk_rows, dtype):
 
 def test_linear_cross_entropy_in_fp16_keeps_gradients_below_fp16s_range():
     """fp16 with a loss scale: a gradient too small for fp16 before scaling survives, as in autograd."""
-    from ds_longformer.model import LinearCrossEntropy
+    from ds_longformer.losses import linear_cross_entropy
 
     x = torch.tensor([[2.5, 0.0], [0.0, 2.5]], dtype=torch.float16, requires_grad=True)
     w = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]], dtype=torch.float16, requires_grad=True)
     b = torch.zeros(3, dtype=torch.float16, requires_grad=True)
     targets = torch.tensor([0, 1])
     # logits (10, 0, -10): the third word's d(loss)/d(W) is ~2e-9 (below fp16's 6e-8), x 2^16 ~ 1e-4
-    (LinearCrossEntropy.apply(x, w, b, targets) * 2.0**16).backward()
+    (linear_cross_entropy(x, w, b, targets) * 2.0**16).backward()
     leaves = [t.detach().float().requires_grad_() for t in (x, w, b)]
     (F.cross_entropy(F.linear(*leaves), targets) * 2.0**16).backward()
     assert (w.grad[2] != 0).all()
@@ -407,13 +374,13 @@ def test_mlm_label_outside_the_vocabulary_is_refused_clearly():
 
 def test_linear_cross_entropy_keeps_no_logits():
     """What the loss keeps for backward is the size of its inputs, never (M, V)."""
-    from ds_longformer.model import LinearCrossEntropy
+    from ds_longformer.losses import linear_cross_entropy
 
     x, w, b = torch.randn(50, 8, requires_grad=True), torch.randn(1000, 8, requires_grad=True), torch.zeros(1000)
     b.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        loss = LinearCrossEntropy.apply(x, w, b, torch.randint(0, 1000, (50,)))
+        loss = linear_cross_entropy(x, w, b, torch.randint(0, 1000, (50,)))
     assert sorted(saved) == sorted([x.shape, w.shape, b.shape]), saved
     loss.backward(retain_graph=True)
     first = w.grad.clone()
@@ -423,18 +390,16 @@ def test_linear_cross_entropy_keeps_no_logits():
 
 
 @pytest.mark.parametrize("chunk_rows,kept_dtype", [(100, torch.bfloat16), (4, torch.float32)])
-def test_linear_cross_entropy_in_bf16_keeps_an_fp32_weight_gradient_only_to_sum_chunks(
-        monkeypatch, chunk_rows, kept_dtype):
+def test_linear_cross_entropy_in_bf16_keeps_an_fp32_weight_gradient_only_to_sum_chunks(chunk_rows, kept_dtype):
     """bf16: one chunk keeps its one bf16 (V, C) product (autograd's matmul, half the memory of
     an fp32 buffer); several chunks are summed in fp32."""
-    from ds_longformer import model as model_module
+    from ds_longformer.losses import linear_cross_entropy
 
     V, C = 37, 16
-    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk_rows * V)
     x, w, b = (torch.randn(*shape).bfloat16().requires_grad_() for shape in ((10, C), (V, C), (V,)))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = model_module.LinearCrossEntropy.apply(x, w, b, torch.randint(0, V, (10,)))
+        loss = linear_cross_entropy(x, w, b, torch.randint(0, V, (10,)), chunk_rows * V)
     assert [t.dtype for t in saved if t.shape == (V, C)] == [kept_dtype]
     loss.backward()
     assert w.grad.dtype == torch.bfloat16 and w.grad.abs().sum() > 0
@@ -442,7 +407,7 @@ def test_linear_cross_entropy_in_bf16_keeps_an_fp32_weight_gradient_only_to_sum_
 
 def test_linear_cross_entropy_of_one_chunk_makes_no_zero_filled_buffer(monkeypatch):
     """fp32, one chunk: dW is the chunk's product, never a zeroed (V, C) buffer added into."""
-    from ds_longformer import model as model_module
+    from ds_longformer.losses import linear_cross_entropy
 
     V, C = 37, 16
     x, w, b = (torch.randn(*shape).requires_grad_() for shape in ((10, C), (V, C), (V,)))
@@ -454,7 +419,7 @@ def test_linear_cross_entropy_of_one_chunk_makes_no_zero_filled_buffer(monkeypat
         return real_zeros(*size, **kwargs)
 
     monkeypatch.setattr(torch, "zeros", recording_zeros)
-    model_module.LinearCrossEntropy.apply(x, w, b, torch.randint(0, V, (10,))).backward()
+    linear_cross_entropy(x, w, b, torch.randint(0, V, (10,))).backward()
     assert (V, C) not in zeros_of, zeros_of
 
 
@@ -489,10 +454,10 @@ def test_gradient_checkpointing_same_gradients():
     model(ids, am, gm, labels=labels).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()  # transformers' switch
     calls = []
     for layer in model.longformer.encoder.layer:  # each layer runs twice: forward, then recomputed
-        layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+        layer.attention.register_forward_pre_hook(lambda module, args: calls.append(module))
     torch.manual_seed(1)
     model(ids, am, gm, labels=labels).loss.backward()
     assert len(calls) == 2 * len(model.longformer.encoder.layer)
@@ -647,7 +612,8 @@ def test_checkpoint_of_other_architecture_or_shape(tmp_path):
     cfg = json.loads((tmp_path / "small" / "config.json").read_text())
     cfg["hidden_size"] = 64
     (tmp_path / "small" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not fit the config's shapes"):
+    with pytest.raises(ValueError, match=r"does not fit the model's shapes: .*word_embeddings.weight: checkpoint "
+                                         r"\(120, 32\) vs model \(120, 64\)"):
         LongformerForMaskedLM.from_pretrained(tmp_path / "small")
 
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -667,34 +633,38 @@ def test_checkpoint_with_more_encoder_weights_than_its_config(tmp_path):
 
 
 def test_unsupported_activation_is_named():
-    with pytest.raises(ValueError, match="hidden_act='silu' is not supported"):
-        LongformerModel(tiny_config(hidden_act="silu"))
+    with pytest.raises(ValueError, match="hidden_act='swishy' is not supported"):
+        tiny_config(hidden_act="swishy")
+    LongformerModel(tiny_config(hidden_act="silu"))  # every activation transformers knows
 
 
 def test_saved_files_are_whole_and_readable_by_all(tmp_path):
-    """Files get the permissions a plain open() gives (umask applies), no temporary file stays, and
-    a failed save replaces nothing."""
+    """save_pretrained writes into a folder beside the target, then renames the files in: they get
+    the permissions a plain open() gives (umask applies), no temporary folder stays, a failed save
+    replaces nothing, and weight files of another layout (shards of an earlier save) go."""
     import os
 
-    from ds_longformer import checkpoint
+    from ds_longformer import weights
 
+    target = tmp_path / "model"
     model = LongformerForMaskedLM(tiny_config())
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(target, max_shard_size="20KB")  # shards and an index
+    assert (target / "model.safetensors.index.json").is_file()
+    model.save_pretrained(target)
     umask = os.umask(0o022)
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+        assert (target / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def fail(path):
-        raise OSError("disk full")
-
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(OSError, match="disk full"):
-        checkpoint._write_files({tmp_path / "model.safetensors": lambda p: open(p, "wb").write(b"new"),
-                                 tmp_path / "config.json": fail})
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        with weights.atomic_folder(target) as staging:
+            (staging / "model.safetensors").write_bytes(b"new")
+            raise OSError("disk full")  # before config.json was written
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_lengthening_a_longformer_keeps_its_windows(tmp_path):
@@ -721,11 +691,32 @@ def test_attention_mask_value_2_means_global_as_in_transformers(tmp_path):
     assert (ours[real] - theirs[real]).abs().max() < 1e-5
 
 
-def test_untied_mlm_decoder_is_refused(tmp_path):
+def test_untied_mlm_decoder_loads_untied(tmp_path):
+    """tie_word_embeddings=False, as transformers: the decoder keeps its own weight (and the same outputs)."""
     hf_cfg = transformers.LongformerConfig(**TINY, attention_window=8, tie_word_embeddings=False)
-    transformers.LongformerForMaskedLM(hf_cfg).save_pretrained(tmp_path)
+    hf = transformers.LongformerForMaskedLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = LongformerForMaskedLM.from_pretrained(tmp_path)
+    assert ours.lm_head.decoder.weight is not ours.longformer.embeddings.word_embeddings.weight
+    assert torch.equal(ours.lm_head.decoder.weight, hf.lm_head.decoder.weight)
+    ids, am, _ = make_batch(2, 20, (20, 13))
+    with torch.no_grad():
+        assert (ours(ids, am).logits - hf(input_ids=ids, attention_mask=am).logits).abs().max() < 1e-5
+
+
+def test_state_dict_with_differing_tied_weights_is_refused():
+    """A state dict (e.g. --state_dict_path) whose decoder differs from the word embeddings cannot
+    load into a model that ties them: one of the two would be lost."""
+    from ds_longformer import weights
+
+    model = LongformerForMaskedLM(tiny_config())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.decoder.weight"] += 1
     with pytest.raises(ValueError, match="lm_head.decoder.weight differs from .*word_embeddings"):
-        LongformerForMaskedLM.from_pretrained(tmp_path)
+        weights.load_state_dict_into(model, state, "the file", strict=True)
+    del state["lm_head.decoder.weight"]  # as save_pretrained writes it: once
+    weights.load_state_dict_into(model, state, "the file", strict=True)
+    assert model.lm_head.decoder.weight is model.longformer.embeddings.word_embeddings.weight
 
 
 def test_encoder_folder_gives_transformers_a_tied_decoder(tmp_path):
@@ -783,13 +774,13 @@ def test_flex_tiles_cover_exactly_what_the_element_mask_needs(window):
     listed tile is empty unless it is a band tile whose allowed keys lie elsewhere."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from ds_longformer.attention import FLEX_BLOCK, _flex_blocks, _flex_mask_mod
+    from ds_longformer.attention.flex import FLEX_BLOCK, flex_mask_mod, flex_tiles
 
     _, am, gm = make_batch(3, 700, (700, 650, 200), ([0, 300], [], [5, 199]))
     layout = AttentionLayout.build(am, gm)
-    partial, full = _flex_blocks(layout, window)
+    partial, full = flex_tiles(layout, window)
     n = partial.shape[-1]
-    elements = create_mask(_flex_mask_mod(layout, window, n * FLEX_BLOCK), 3, 1, n * FLEX_BLOCK, n * FLEX_BLOCK)
+    elements = create_mask(flex_mask_mod(layout, window, n * FLEX_BLOCK), 3, 1, n * FLEX_BLOCK, n * FLEX_BLOCK)
     tiles = elements.view(3, 1, n, FLEX_BLOCK, n, FLEX_BLOCK)
     any_allowed, all_allowed = tiles.any(-1).any(-2), tiles.all(-1).all(-2)
     assert not (partial & full).any()
@@ -806,16 +797,17 @@ def test_compiled_flex_kernel_with_our_tiles_matches_dense():
     kernel, which reads only the listed tiles (eager flex ignores them): it must equal dense."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from ds_longformer.attention import _flex_block_mask, dense_local_attention
+    from ds_longformer.attention import dense_band
+    from ds_longformer.attention.flex import flex_block_mask
 
     torch.manual_seed(0)
     B, N, H, D, window = 2, 1000, 2, 16, 256
     _, am, gm = make_batch(B, N, (N, 800), ([0, 500], [0]))
     layout = AttentionLayout.build(am, gm)
     q, k, v = (torch.randn(B, N, H, D) for _ in range(3))
-    block_mask = _flex_block_mask(layout, window)
+    block_mask = flex_block_mask(layout, window)
     n_pad = block_mask.shape[-2]
     qp, kp, vp = (F.pad(x, (0, 0, 0, 0, 0, n_pad - N)).transpose(1, 2) for x in (q, k, v))
     out = torch.compile(flex_attention, dynamic=False)(qp, kp, vp, block_mask=block_mask).transpose(1, 2)[:, :N]
-    expected = dense_local_attention(q, k, v, layout, window, 0.0, False)
+    expected = dense_band(q, k, v, layout, window, 0.0)
     assert (out - expected)[am.bool()].abs().max() < 1e-5

@@ -49,7 +49,7 @@ def floor_flops(impl: str, n: int, window: int, n_global: int, hidden: int, head
 
 def build(spec: dict):
     """Returns (forward, forward_backward) closures for one configuration."""
-    from ds_longformer.attention import AttentionLayout, LongformerSelfAttention, blocked_local_attention
+    from ds_longformer.attention import AttentionLayout, LongformerSelfAttention, blocked_band
 
     torch.manual_seed(0)
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
@@ -81,7 +81,7 @@ def build(spec: dict):
 
         def call(inp):
             layout = AttentionLayout.build(attention_mask, global_mask)
-            return blocked_local_attention(inp, k, v, layout, W, spec.get("block"), 0.0)
+            return blocked_band(inp, k, v, layout, W, 0.0, spec.get("block"))
 
         x = q
     else:

@@ -16,7 +16,7 @@ tokens, <s> first with global attention (1 global token), 15% of the tokens mask
 Attention dropout (--attention_dropout) is 0.1 for both, 0 when our backend is flex (it has none).
 
 Our MLM head scores only the masked positions in training, in chunks that never hold all their
-logits (model.LinearCrossEntropy; the same loss); transformers' scores all N over the whole
+logits (losses.LinearCrossEntropy; the same loss); transformers' scores all N over the whole
 vocabulary, a large share of its step and of its memory (the N x vocab logits and their
 gradients). `--impls ... hf_masked` adds transformers' model with our head's shortcuts (its
 encoder, then its lm_head on the masked positions only, the loss chunked as ours): against it the
@@ -99,7 +99,7 @@ def build_model(spec: dict) -> torch.nn.Module:
             model.activation_checkpointing_enable({"use_reentrant": False})
         return MaskedPositionsHead(model) if spec["impl"] == "hf_masked" else model
     if spec["checkpointing"]:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 
@@ -113,14 +113,14 @@ class MaskedPositionsHead(torch.nn.Module):
         self.mlm = mlm
 
     def forward(self, input_ids, attention_mask, global_attention_mask, labels):
-        from ds_longformer.model import LinearCrossEntropy
+        from ds_longformer.losses import linear_cross_entropy
 
         hidden = self.mlm.longformer(input_ids=input_ids, attention_mask=attention_mask,
                                      global_attention_mask=global_attention_mask)[0]
         scored = labels != -100
         head = self.mlm.lm_head  # its forward: dense -> gelu -> layer_norm -> decoder
         features = head.layer_norm(torch.nn.functional.gelu(head.dense(hidden[scored])))
-        loss = LinearCrossEntropy.apply(features, head.decoder.weight, head.decoder.bias, labels[scored])
+        loss = linear_cross_entropy(features, head.decoder.weight, head.decoder.bias, labels[scored])
         return SimpleNamespace(loss=loss)
 
 

@@ -9,9 +9,9 @@ after ``(`` removed, whitespace collapsed).
 
 Model input (one example)
 -------------------------
-Four tokens are added to the tokenizer: ``[q] [/q] [ent] [/ent]``, with new embedding rows
-drawn from a normal distribution with the mean and std of the existing embedding matrix
-(``add_wikihop_tokens(tokenizer, model)``). ``start``/``end`` are ``<s>``/``</s>`` (RoBERTa) or
+Four tokens are added to the tokenizer: ``[q] [/q] [ent] [/ent]`` (``add_wikihop_tokens``; the
+model grows its embeddings to ``len(tokenizer)`` itself, with ``resize_token_embeddings``).
+``start``/``end`` are ``<s>``/``</s>`` (RoBERTa) or
 ``[CLS]``/``[SEP]`` (BERT)::
 
     prefix  = start [q] question [/q] [ent] c1 [/ent] [ent] c2 [/ent] ... end
@@ -33,13 +33,8 @@ API
     Validated records (``id, query, answer, candidates, supports, label``).
 ``format_query(query) -> str`` / ``normalize_string(text) -> str``
     The text normalisation above.
-``add_wikihop_tokens(tokenizer, model=None, generator=None) -> list[int]``
-    Adds the four tokens (idempotent) and, given a model, grows its input embeddings to
-    ``len(tokenizer)`` with ``resize_input_embeddings``. Returns the four token ids.
-``resize_input_embeddings(model, new_num_tokens, generator=None) -> nn.Embedding``
-    Works on any model with ``get_input_embeddings()``/``set_input_embeddings(emb)`` and a
-    ``config.vocab_size`` (an encoder: WikiHop scores the ``[ent]`` states with its own
-    head); a model whose output projection shares the embedding weight is refused.
+``add_wikihop_tokens(tokenizer) -> list[int]``
+    Adds the four tokens (idempotent); returns their ids.
 ``tokenize_wikihop(examples, tokenizer, num_proc=None) -> datasets.Dataset``
     Columns ``id``, ``prefix_ids``, ``candidate_positions``, ``support_ids`` (the content
     above), ``label``. This is the tokenized cache format: independent of ``max_len``.
@@ -79,14 +74,12 @@ tokenizer for a tokenizer that turns all of the file's text into no tokens.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import datasets
 import torch
-from torch import nn
 
 from .collate import pad_batch
 from .common import (
@@ -184,41 +177,16 @@ def load_wikihop_json(path: str | Path) -> list[WikiHopExample]:
     return [_validate(record, index, path) for index, record in enumerate(records)]
 
 
-def resize_input_embeddings(model, new_num_tokens: int, generator: torch.Generator | None = None) -> nn.Embedding:
-    old = model.get_input_embeddings()
-    n_old, dim = old.weight.shape
-    if new_num_tokens < n_old:
-        raise ValueError(f"cannot shrink the input embeddings from {n_old} to {new_num_tokens} rows")
-    if new_num_tokens == n_old:
-        return old
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None and output.weight is old.weight:
-        raise ValueError("the model ties an output projection to its input embeddings; resize it with its own method")
-    with torch.no_grad():
-        weight = old.weight.detach()
-        mean, std = weight.float().mean().item(), weight.float().std().item()
-        # Drawn on the CPU so a CPU generator also serves a GPU model.
-        rows = torch.empty(new_num_tokens - n_old, dim).normal_(mean, std, generator=generator)
-        new_weight = torch.cat([weight, rows.to(weight)])
-    new = nn.Embedding(new_num_tokens, dim, padding_idx=old.padding_idx, device=weight.device, dtype=weight.dtype)
-    new.weight = nn.Parameter(new_weight, requires_grad=old.weight.requires_grad)
-    model.set_input_embeddings(new)
-    model.config.vocab_size = new_num_tokens
-    return new
-
-
-def add_wikihop_tokens(tokenizer, model=None, generator: torch.Generator | None = None) -> list[int]:
+def add_wikihop_tokens(tokenizer) -> list[int]:
     # special_tokens=True: never split or lower-cased by the tokenizer's normaliser.
     tokenizer.add_tokens(list(WIKIHOP_TOKENS), special_tokens=True)
-    if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        resize_input_embeddings(model, len(tokenizer), generator)
     return tokenizer.convert_tokens_to_ids(list(WIKIHOP_TOKENS))
 
 
 def _marker_ids(tokenizer) -> list[int]:
     ids = tokenizer.convert_tokens_to_ids(list(WIKIHOP_TOKENS))
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError("the tokenizer lacks the WikiHop tokens; call add_wikihop_tokens(tokenizer, model) first")
+        raise ValueError("the tokenizer lacks the WikiHop tokens; call add_wikihop_tokens(tokenizer) first")
     return ids
 
 

@@ -116,8 +116,9 @@ class Trainer:
                 f"{args.gradient_accumulation_steps})")
         self.total_steps = args.max_steps if args.max_steps > 0 else args.epochs * self.steps_per_epoch
 
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if args.gradient_checkpointing:  # transformers' switch (gradient_checkpointing_enable before 5.x)
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model.train()  # from_pretrained gives eval mode, as transformers does
         ds_config.finalize(config, self.total_steps, getattr(getattr(model, "config", None), "hidden_size", None))
         self.checkpoints = Checkpointer(self.run_dir, self.rank, self.world_size, args.keep_last_k)
         resume_from = self.checkpoints.find(args.resume)
