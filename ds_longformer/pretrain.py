@@ -42,6 +42,7 @@ from .data.mlm import MLMCollator, mask_tokens
 from .data.wikitext import WikiTextSplit, bits_per_character, load_wikitext
 from .engine import Trainer, evaluate, rank_zero_first, seed_everything, setup_logging
 from .engine.args import ranged
+from .engine.rng import untouched
 from .engine.batches import ModelInputs
 from .tasks_common import (
     SHORT_MODEL,
@@ -228,9 +229,10 @@ def main(argv=None) -> dict:
                       compute_metrics=masked_nll, reduce_metrics=bpc_metrics(data["validation"]), tokenizer=tokenizer)
     step0 = {}
     if trainer.global_step == 0:  # not when resuming
-        step0 = trainer.evaluate(val)
-        if converted:
-            step0.update(short_model_report(args, model_path, tokenizer, collate))
+        with untouched():  # a measurement: loading the short model draws its initial weights
+            step0 = trainer.evaluate(val)
+            if converted:
+                step0.update(short_model_report(args, model_path, tokenizer, collate))
         trainer.log_record(step0)
         if trainer.rank == 0:
             print(json.dumps({"step": 0, "max_seq_len": args.max_seq_len, **step0}))

@@ -99,6 +99,21 @@ def test_a_non_finite_gradient_norm_stops_the_run_at_its_step(tmp_path, precisio
     assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step1", "global_step2"]
 
 
+def test_lr_1e3_stops_and_keeps_only_finite_checkpoints(tmp_path):
+    """The issue's fp32 run at lr 1e3 stopped at step 5 (a NaN loss) after non-finite gradients at
+    steps 3-4, with non-finite weights in the checkpoints it kept. Now it stops at its first
+    non-finite gradient norm, before the update, and every checkpoint it keeps is finite. (bf16:
+    test_a_non_finite_gradient_norm_stops_the_run_at_its_step; this tiny model's bf16 run at lr 1e3
+    stays finite.)"""
+    proc = train(tmp_path, "--max_steps", "16", "--save_every_n_steps", "1", "--lr", "1e3", check=False)
+    assert proc.returncode != 0 and "training diverged at step" in proc.stderr, proc.stderr[-3000:]
+    ckpts = sorted((run_dir(tmp_path) / "checkpoints").glob("global_step*"))
+    assert ckpts and (run_dir(tmp_path) / "checkpoints" / "latest").read_text() == ckpts[-1].name
+    for ckpt in ckpts:
+        weights = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(torch.isfinite(w.float()).all() for w in weights.values()), ckpt.name
+
+
 def test_measuring_never_changes_what_trains(tmp_path):
     """Dropout on; one run counts FLOPs with a counter that draws from torch's global generator and
     logs MFU against --peak_tflops, the other measures nothing: bit-identical losses and weights
