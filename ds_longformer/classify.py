@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.compute as pc
+
 from . import LongformerForSequenceClassification
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
-from .data.common import tokenizer_fingerprint
+from .data.common import require_tokens, tokenizer_fingerprint
 from .data.hyperpartisan import load_hyperpartisan
 from .data.imdb import load_imdb
-from .engine import Trainer, TrainerArgs, seed_everything, setup_logging
+from .engine import Trainer, check_training_set, seed_everything, setup_logging
+from .engine.distributed import find_launch
 from .tasks_common import (
     SHORT_MODEL,
     TaskError,
@@ -43,6 +46,7 @@ from .tasks_common import (
     load_tokenizer,
     reduce_accuracy,
     task_parser,
+    task_preflight,
     tokenized_once,
 )
 
@@ -77,6 +81,9 @@ def _f1(hits: float, false_positives: float, false_negatives: float) -> float:
     return 2 * hits / (2 * hits + false_positives + false_negatives) if hits else 0.0
 
 
+METRICS = ("loss", "accuracy", "f1", "f1_macro")  # what a validation reports (reduce_classification's, and loss)
+
+
 def reduce_classification(totals: dict) -> dict:
     """accuracy; f1: F1 of class 1 (hyperpartisan / positive); f1_macro: the mean of both classes'
     F1 (scikit-learn's average='macro')."""
@@ -90,9 +97,17 @@ def encode_split(args, name: str, examples: list[dict], tokenizer, max_len: int)
     global_first = args.model == "Longformer"  # global attention on <s>; none for the baseline (exactly RoBERTa)
     content = [(ex["text"], ex["label"], str(ex["id"])) for ex in examples]
     key = [1, tokenizer_fingerprint(tokenizer), max_len, global_first, content]
-    return tokenized_once(args.cache_dir, f"classify-{args.dataset.lower()}-{name}", key,
-                          lambda: encode_classification(examples, tokenizer, max_len, num_proc=args.num_workers or None,
-                                                        global_first=global_first))
+    encoded = tokenized_once(args.cache_dir, f"classify-{args.dataset.lower()}-{name}", key,
+                             lambda: encode_classification(examples, tokenizer, max_len, args.num_workers or None,
+                                                           global_first=global_first))
+    special = len(tokenizer("")["input_ids"])  # <s> </s> around each text
+    text_tokens = pc.sum(pc.list_value_length(encoded.data.column("input_ids"))).as_py() - special * len(encoded)
+    require_tokens(text_tokens, sum(len(ex["text"]) for ex in examples), tokenizer, data_dir(args))
+    return encoded
+
+
+def data_dir(args) -> str:
+    return args.data_dir or f"./data/{args.dataset.lower()}"
 
 
 def main(argv=None) -> dict:
@@ -102,9 +117,11 @@ def main(argv=None) -> dict:
     if args.model == "Longformer" and not args.model_path:
         raise TaskError("--model Longformer needs --model_path: the folder of a Longformer (e.g. the "
                         "--save_model_to folder of ds_longformer.pretrain)")
+    trainer_args = task_preflight(args, METRICS)
     model_path = args.model_path or SHORT_MODEL
     load_examples, id2label = DATASETS[args.dataset]
-    examples = load_examples(args.data_dir or f"./data/{args.dataset.lower()}")  # fails fast if missing
+    examples = load_examples(data_dir(args))  # fails fast if missing
+    check_training_set(len(examples["train"]), trainer_args, find_launch().world_size)
 
     seed_everything(args.seed)  # the new classification head
     load_model = load_longformer if args.model == "Longformer" else load_baseline
@@ -114,7 +131,7 @@ def main(argv=None) -> dict:
     encoded = {split: encode_split(args, split, examples[split], tokenizer, max_len)
                for split in ("train", "dev", "test")}
 
-    trainer = Trainer(model, TrainerArgs.from_namespace(args), encoded["train"], encoded["dev"],
+    trainer = Trainer(model, trainer_args, encoded["train"], encoded["dev"],
                       collate_fn=PaddingCollator(tokenizer.pad_token_id), compute_metrics=classification_stats,
                       reduce_metrics=reduce_classification, tokenizer=tokenizer)
     summary = trainer.fit()

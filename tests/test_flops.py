@@ -111,6 +111,15 @@ def test_peak_flops_from_the_gpu_table_or_measured(monkeypatch):
     assert rate > 1e8 and source == "measured float32 matmul rate on cpu"
 
 
+def test_the_matmul_probe_draws_from_its_own_generator():
+    """It drew its matrices from torch's global generator, the one dropout draws from."""
+    torch.manual_seed(0)
+    flops.matmul_rate("cpu", torch.float32, n=64, c=32, repeats=1)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
 def test_train_flops_reads_global_tokens_as_the_forward_does():
     """attention_mask 2 marks a global token (transformers' convention), as global_attention_mask
     does; a global mark on a padding token counts for nothing."""

@@ -9,6 +9,7 @@ latter by loading them in transformers and comparing outputs with ours.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from data_fixtures import (
 from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
 from ds_longformer import LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForSequenceClassification
-from ds_longformer import classify, pretrain, wikihop
+from ds_longformer import classify, pretrain, quickstart, wikihop
 from ds_longformer.convert import convert
 from ds_longformer.engine import TrainerArgs
 from ds_longformer.data.wikihop import WIKIHOP_TOKENS, WikiHopFeatures, collate_wikihop
@@ -220,10 +221,129 @@ def test_data_with_nothing_to_learn_is_a_message_before_training(tmp_path, model
         assert exit_.value.code == 1 and expected in capsys.readouterr().err
 
 
+def damaged_model(tmp_path, source, name, file, keep=0.5) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(source, folder)
+    data = (folder / file).read_bytes()
+    (folder / file).write_bytes(data[:int(len(data) * keep)])
+    return folder
+
+
+def bad_input(case: str, tmp_path, models) -> tuple[list, str]:
+    """(flags added to a good classify command, what the one message must say) for the issue's cases."""
+    if case == "invalid ds_config JSON":
+        bad_json = tmp_path / "bad_config.json"
+        bad_json.write_text('{"zero_optimization": {"stage": 2,}')
+        return ["--deepspeed_config", bad_json], f"{bad_json}: not valid JSON"
+    if case == "output folder under a file":
+        (tmp_path / "a_file").write_text("")
+        return ["--default_root_dir", tmp_path / "a_file" / "runs"], "cannot write there"
+    if case == "damaged --resume folder":
+        damaged = tmp_path / "ckpts" / "global_step2"
+        damaged.mkdir(parents=True)
+        (damaged / "trainer_state.json").write_text('{"global_st')
+        return ["--resume", damaged], "global_step2/trainer_state.json is not readable JSON"
+    if case == "truncated model.safetensors":
+        return (["--model_path", damaged_model(tmp_path, models.short, "cut_weights", "model.safetensors")],
+                "cut_weights/model.safetensors is truncated")
+    if case == "truncated config.json":
+        return (["--model_path", damaged_model(tmp_path, models.short, "cut_config", "config.json")],
+                "cut_config/config.json is not valid JSON")
+    return {
+        "--deepspeed_config zero5": (["--deepspeed_config", "zero5"], "--deepspeed_config zero5: no such file"),
+        "--batch_size 0": (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        "fp16 on CPU": (["--precision", "fp16"], "fp16 needs a GPU"),
+        "missing --resume folder": (["--resume", tmp_path / "nowhere"], "nowhere does not exist"),
+        "unknown --best_metric": (["--best_metric", "bleu"], "--best_metric 'bleu' is not a validation metric"),
+        "batch larger than the data": (["--batch_size", "64"], "smaller than one optimizer step"),
+        "--gradient_accumulation_steps 0": (["--gradient_accumulation_steps", "0"],
+                                            "--gradient_accumulation_steps must be at least 1"),
+        "--lr -1": (["--lr", "-1"], "--lr must be at least 0"),
+        "--lr nan": (["--lr", "nan"], "--lr must be a finite number"),
+        "--adam_beta2 1": (["--adam_beta2", "1"], "--adam_beta2 must be less than 1"),
+        "--max_seq_len 2": (["--max_seq_len", "2"], "--max_seq_len must be at least 3"),
+        "unknown flag": (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        "unknown dataset": (["--dataset", "Reuters"], "invalid choice: 'Reuters'"),
+    }[case]
+
+
+BAD_INPUTS = ["--deepspeed_config zero5", "--batch_size 0", "fp16 on CPU", "missing --resume folder",
+              "unknown --best_metric", "batch larger than the data", "--gradient_accumulation_steps 0", "--lr -1",
+              "--lr nan", "--adam_beta2 1", "--max_seq_len 2", "invalid ds_config JSON", "output folder under a file",
+              "truncated model.safetensors", "truncated config.json", "damaged --resume folder", "unknown flag",
+              "unknown dataset"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_message_exit_1_before_tokenising(models, tmp_path, capsys, monkeypatch, case):
+    """Each used to end in a traceback (JSONDecodeError, ZeroDivisionError, safetensors' errors...), in a
+    good message inside a traceback after tokenising, or in argparse's exit status 2."""
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    good = ["--dataset", "Hyperpartisan", "--data_dir", data, "--model_path", models.short, "--default_root_dir",
+            tmp_path / "runs", "--cache_dir", tmp_path / "cache", "--batch_size", 1]
+    monkeypatch.setattr(classify, "tokenized_once", lambda *a, **k: pytest.fail("tokenised before the check"))
+    flags, expected = bad_input(case, tmp_path, models)
+    with pytest.raises(SystemExit) as exit_:
+        cli(classify.main, list(map(str, good + flags)))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and expected in err, err
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    assert not (tmp_path / "runs").exists()  # no run folder left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_output_folder_is_one_message(models, tmp_path, capsys):
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked").chmod(0o555)
+    with pytest.raises(SystemExit) as exit_:
+        cli(classify.main, list(map(str, ["--data_dir", data, "--model_path", models.short, "--default_root_dir",
+                                          tmp_path / "locked", "--cache_dir", tmp_path / "cache"])))
+    assert exit_.value.code == 1 and "--default_root_dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, flags, expected", [
+    (pretrain, ["--attention_window", "7"], "--attention_window must be even, got 7"),
+    (pretrain, ["--max_pos", "0"], "--max_pos must be at least 3"),
+    (wikihop, ["--max_chunks", "0"], "--max_chunks must be at least 1"),
+    (wikihop, ["--seed", "-1"], "--seed must be at least 0"),
+], ids=["pretrain-window", "pretrain-max_pos", "wikihop-max_chunks", "wikihop-seed"])
+def test_task_flags_are_checked_by_the_parser(task, flags, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(task.main, flags)
+    assert exit_.value.code == 1 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("program", [pretrain, classify, wikihop, quickstart], ids=lambda m: m.__name__)
+def test_every_numeric_flag_has_a_checked_range(program):
+    """A bare int/float flag accepts 0, -1 or nan: each numeric flag reads through engine.args.ranged."""
+    bare = [a.dest for a in program.build_parser()._actions if a.type in (int, float) and a.dest != "local_rank"]
+    assert not bare
+
+
+def test_user_errors_are_printed_once_by_rank_0(models, tmp_path):
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ds_longformer.classify", "--data_dir", str(data), "--model_path", str(models.short),
+                           "--deepspeed_config", "zero5"], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --deepspeed_config zero5") == 1, proc.stderr[-3000:]
+
+
+def test_an_internal_error_keeps_its_traceback():
+    def main(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli(main, [])
+
+
 def test_longformer_tasks_refuse_a_short_model(models, tmp_path, capsys):
     data = write_hyperpartisan_xml(tmp_path / "hp")
     with pytest.raises(SystemExit):
-        cli(classify.main, ["--model", "Longformer", "--model_path", str(models.short), "--data_dir", str(data)])
+        cli(classify.main, ["--model", "Longformer", "--model_path", str(models.short), "--data_dir", str(data),
+                            "--batch_size", "1"])
     assert "not a Longformer: convert it first" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(classify.main, ["--model", "Longformer", "--data_dir", str(data)])
@@ -240,7 +360,8 @@ def test_wrong_model_folders_are_a_message_not_a_traceback(models, tmp_path, cap
     (fewer_layers / "config.json").write_text(json.dumps(config))
     for folder, expected in ((tmp_path / "empty", "config.json"), (fewer_layers, "the config has no place for")):
         with pytest.raises(SystemExit) as exit_:
-            cli(classify.main, ["--model", "Longformer", "--model_path", str(folder), "--data_dir", str(data)])
+            cli(classify.main, ["--model", "Longformer", "--model_path", str(folder), "--data_dir", str(data),
+                                "--batch_size", "1"])
         assert exit_.value.code == 1 and expected in capsys.readouterr().err
 
 
@@ -370,6 +491,133 @@ def test_pretrain_one_process(models, wikitext_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "long_model").model_max_length == 256
 
 
+def test_pretrain_validation_loss_is_finite_when_a_block_has_no_masked_token(models):
+    """The loss over the masked tokens of all blocks, not the mean of per-block means: with batch
+    size 1 a block without a masked token (a short last block) made val/loss NaN at every validation."""
+    from ds_longformer.data.wikitext import WikiTextSplit
+    from ds_longformer.engine import evaluate, init_distributed
+
+    init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(models.short)
+    blocks = [{"input_ids": [0] + list(range(5, 60)) + [2]}, {"input_ids": [0, 7, 2]}]
+    val = pretrain.FixedMaskBlocks(blocks, tokenizer, seed=1)
+    assert (val[1]["labels"] == -100).all() and (val[0]["labels"] != -100).any()
+    model = LongformerForMaskedLM.from_pretrained(models.long).eval()
+    collate = pretrain.PretrainCollator(tokenizer)
+    split = WikiTextSplit(blocks, n_chars=200, n_tokens=56)
+    metrics = evaluate(lambda batch: model(**batch), val, 1, collate, compute_metrics=pretrain.masked_nll,
+                       reduce_metrics=pretrain.bpc_metrics(split))
+    with torch.no_grad():
+        together = model(**collate([val[0], val[1]])).loss.item()  # the mean over every masked token
+    assert metrics["loss"] == pytest.approx(together, rel=1e-5) and math.isfinite(metrics["bpc"])
+
+
+def test_pretrain_reads_its_data_before_loading_the_model(models, tmp_path, capsys, monkeypatch):
+    wiki = write_wikitext_raw(tmp_path / "wiki")
+    (wiki / "wikitext-103-raw" / "wiki.train.raw").write_text("")
+    monkeypatch.setattr(pretrain, "load_long_model", lambda *a: pytest.fail("model loaded before the data"))
+    with pytest.raises(SystemExit) as exit_:
+        cli(pretrain.main, list(map(str, ["--model_path", models.short, "--data_dir", wiki, "--cache_dir",
+                                          tmp_path / "cache", "--default_root_dir", tmp_path / "runs"])))
+    assert exit_.value.code == 1 and "wiki.train.raw" in capsys.readouterr().err
+
+
+def test_pretrain_killed_before_its_first_checkpoint_records_step_0_once(models, wikitext_dir, tmp_path,
+                                                                         monkeypatch):
+    from ds_longformer.engine.checkpointing import Checkpointer
+
+    class Killed(Exception):
+        pass
+
+    argv = list(map(str, pretrain_args(models, wikitext_dir, tmp_path, "--max_seq_len", 64, "--attention_window", 32,
+                                       "--save_every_n_steps", 2, "--resume", "latest")))
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save", lambda *a: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            pretrain.main(argv)
+    assert [r["step"] for r in metrics(tmp_path / "Pretraining")] == [0, 2]
+    pretrain.main(argv)  # --resume latest finds no checkpoint: from scratch
+    assert [r["step"] for r in metrics(tmp_path / "Pretraining")] == [0, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def dropout_models(models, tmp_path_factory):
+    """The tiny short and long models with dropout 0.1 (hidden and attention), as real ones have."""
+    root = tmp_path_factory.mktemp("dropout_models")
+    out = {}
+    for name in ("short", "long"):
+        shutil.copytree(getattr(models, name), root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        (root / name / "config.json").write_text(json.dumps(config))
+        out[name] = root / name
+    return SimpleNamespace(**out)
+
+
+def killed_and_resumed(main, argv, tmp_path, crash_after: int) -> tuple[Path, Path]:
+    """`main` run straight in tmp_path/straight, and in tmp_path/resumed stopped right after its
+    checkpoint of step `crash_after` (an exception: the process state is not reused), then resumed
+    with --resume latest. Returns both run folders' parents."""
+    from ds_longformer.engine.checkpointing import Checkpointer
+
+    class Killed(Exception):
+        pass
+
+    save = Checkpointer.save
+
+    def save_then_die(self, engine, state):
+        out = save(self, engine, state)
+        if state["global_step"] == crash_after:
+            raise Killed()
+        return out
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(list(map(str, argv(straight))))
+    Checkpointer.save = save_then_die
+    try:
+        with pytest.raises(Killed):
+            main(list(map(str, argv(resumed))))
+    finally:
+        Checkpointer.save = save
+    main(list(map(str, argv(resumed) + ["--resume", "latest"])))
+    return straight, resumed
+
+
+def assert_same_training(straight: Path, resumed: Path):
+    """Every step's loss and the final weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from tests.trainer_helpers import assert_params_equal, scalars
+
+    losses = [scalars(run, "train/loss") for run in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) >= 6
+    assert_params_equal(*(load_file(run / "final_model" / "model.safetensors") for run in (resumed, straight)))
+
+
+def test_pretrain_as_a_user_runs_it_resumes_exactly(dropout_models, wikitext_dir, tmp_path):
+    """Dropout on, MLM masks made by 2 DataLoader workers, accumulation, no --peak_tflops: resumed
+    mid-run, pretrain used to drift by up to 0.059 in loss (the MFU probe, the workers' mask streams)."""
+    def argv(out):
+        return pretrain_args(dropout_models, wikitext_dir, out, "--max_seq_len", 64, "--attention_window", 32,
+                             "--batch_size", 1, "--gradient_accumulation_steps", 2, "--max_steps", 8,
+                             "--save_every_n_steps", 3, "--num_workers", 2)
+
+    straight, resumed = killed_and_resumed(pretrain.main, argv, tmp_path, crash_after=3)
+    assert_same_training(straight / "Pretraining", resumed / "Pretraining")
+
+
+def test_classify_as_a_user_runs_it_resumes_exactly(dropout_models, tmp_path):
+    """Dropout on, no --peak_tflops: resumed mid-run, classify used to drift by 0.013 in loss."""
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+
+    def argv(out):
+        return classify_args(out, "--data_dir", data, "--model", "Longformer", "--model_path", dropout_models.long,
+                             "--batch_size", 1, "--max_steps", 8, "--save_every_n_steps", 3)
+
+    straight, resumed = killed_and_resumed(classify.main, argv, tmp_path, crash_after=3)
+    assert_same_training(straight / "Classification", resumed / "Classification")
+
+
 def test_pretrain_two_ranks(models, wikitext_dir, tmp_path):
     argv = pretrain_args(models, wikitext_dir, tmp_path, "--max_seq_len", 128, "--attention_window", 32,
                          "--state_dict_path", models.long, "--deepspeed_config", "zero2")
@@ -433,6 +681,31 @@ def test_classify_longformer_two_ranks(models, tmp_path):
     # tokenized once, by rank 0: one cache folder per split, nothing half-written
     assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()) == [
         "classify-hyperpartisan-dev", "classify-hyperpartisan-test", "classify-hyperpartisan-train"]
+
+
+def test_classify_resumed_after_its_test_record_keeps_one(models, tmp_path):
+    """A run killed after it wrote its test metrics (here: finished) and resumed from its last
+    checkpoint used to append a second test record."""
+    argv = list(map(str, classify_args(tmp_path, "--dataset", "Hyperpartisan", "--data_dir",
+                                       write_hyperpartisan_xml(tmp_path / "hp"), "--model_path", models.short,
+                                       "--max_steps", 2, "--resume", "latest")))
+    classify.main(argv)
+    first = metrics(tmp_path / "Classification")
+    classify.main(argv)
+    again = metrics(tmp_path / "Classification")
+    assert [r["step"] for r in again] == [2, 2] and again[0] == first[0] and "test/accuracy" in again[1]
+
+
+def test_classify_refuses_a_tokenizer_that_yields_no_tokens(models, tmp_path, capsys):
+    from data_fixtures import make_tokenizer_without_vocabulary
+
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    no_vocabulary = make_tokenizer_without_vocabulary(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli(classify.main, list(map(str, classify_args(tmp_path, "--data_dir", data, "--model_path", models.short,
+                                                       "--tokenizer_name", no_vocabulary))))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and str(data) in err and "yields no tokens" in err and "tokenizer_without" in err
 
 
 def test_classify_tokenizes_once_and_later_runs_reuse_it(models, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,13 @@ def assert_params_close(a: dict, b: dict, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
+def assert_params_equal(a: dict, b: dict):
+    """Bit for bit."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -104,11 +112,32 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def tiny_model(dropout: float = 0.0) -> LongformerForMaskedLM:
+def tiny_model(dropout: float = 0.0, attention_backend: str = "blocked") -> LongformerForMaskedLM:
     return LongformerForMaskedLM(LongformerConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=130, attention_window=8, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout))
+        attention_probs_dropout_prob=dropout, attention_backend=attention_backend))
+
+
+def masking_collate(samples: list[dict]) -> dict:
+    """As an MLM collator: each label kept with probability 1/2, drawn from torch's global generator."""
+    batch = torch.utils.data.default_collate(samples)
+    keep = torch.rand(batch["labels"].shape) < 0.5
+    batch["labels"] = torch.where(keep, batch["labels"], torch.full_like(batch["labels"], -100))
+    return batch
+
+
+def loss_log(path: Path) -> list[tuple]:
+    """The lines of --loss_log: ("loss", step, loss) per step, ("save", step) / ("saved", step) around
+    each checkpoint (rank 0), across every process that appended to it."""
+    rows = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        kind, step, *value = line.split()
+        if kind == "loss" and value:  # (a line a kill cut short has no value)
+            rows.append((kind, int(step), float.fromhex(value[0])))
+        elif kind in ("save", "saved"):
+            rows.append((kind, int(step)))
+    return rows
 
 
 def random_mlm_data(n: int, seed: int) -> list[dict]:
@@ -158,6 +187,45 @@ def poison_loss(model: torch.nn.Module, at_call: int) -> None:
     model.register_forward_hook(hook)
 
 
+def poison_gradients(model: torch.nn.Module, at_call: int, later: bool = False) -> None:
+    """Make the gradients of the `at_call`-th training backward (1-based), and with `later` of every
+    later one, non-finite."""
+    calls = 0
+
+    def hook(grad):
+        nonlocal calls
+        calls += 1
+        return grad * float("inf") if calls == at_call or later and calls > at_call else grad
+
+    model.longformer.embeddings.word_embeddings.weight.register_hook(hook)
+
+
+def log_losses(trainer: Trainer, path: Path) -> None:
+    """Rank 0 appends "loss <step> <hex>" per step and "save <step>" / "saved <step>" around each
+    checkpoint to `path`, flushed at once (a kill -9 loses no line already written)."""
+    if trainer.rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("a")
+    scalars, save = trainer.metrics.scalars, trainer.checkpoints.save
+
+    def logged_scalars(values, step):
+        if "train/loss" in values:
+            log.write(f"loss {step} {float(values['train/loss']).hex()}\n")
+            log.flush()
+        scalars(values, step)
+
+    def logged_save(engine, state):
+        log.write(f"save {state['global_step']}\n")
+        log.flush()
+        out = save(engine, state)
+        log.write(f"saved {state['global_step']}\n")
+        log.flush()
+        return out
+
+    trainer.metrics.scalars, trainer.checkpoints.save = logged_scalars, logged_save
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_trainer_args(parser)
@@ -168,6 +236,19 @@ def main(argv=None) -> None:
     parser.add_argument("--crash_during_save_at", type=int, default=-1,
                         help="die (os._exit) after DeepSpeed wrote the files of this step's checkpoint")
     parser.add_argument("--nan_at_step", type=int, default=-1, help="make the loss NaN at this optimizer step")
+    parser.add_argument("--inf_grad_at_step", type=int, default=-1,
+                        help="make the gradients non-finite at this optimizer step (its loss stays finite)")
+    parser.add_argument("--inf_grads_from_step", type=int, default=-1,
+                        help="make the gradients non-finite at this optimizer step and every later one")
+    parser.add_argument("--attention_backend", default="blocked")
+    parser.add_argument("--mask_in_collate", action="store_true",
+                        help="collate with masking_collate (random labels dropped, as MLM masking)")
+    parser.add_argument("--measure_draws", action="store_true",
+                        help="the model's FLOP count draws from torch's global generator (a measurement that does)")
+    parser.add_argument("--crash_in_best_export_at", type=int, default=-1,
+                        help="die after the model of this step's best_model/ export is written (a copy of the "
+                             "best_model/ before it goes to DUMP/best_before)")
+    parser.add_argument("--loss_log", type=Path, help="append each step's loss and each save's start and end here")
     parser.add_argument("--warn", action="store_true",
                         help="log a Python warning and a logging warning on every rank, and a rank-specific one")
     parser.add_argument("--dump", type=Path)
@@ -184,10 +265,17 @@ def main(argv=None) -> None:
         args.deepspeed_config = merge(load_ds_config(args.deepspeed_config, on_cpu=not torch.cuda.is_available()),
                                       ns.ds_override)
     seed_everything(args.seed)
-    model = tiny_model(ns.dropout)
+    model = tiny_model(ns.dropout, ns.attention_backend)
     if ns.nan_at_step > 0:
         poison_loss(model, (ns.nan_at_step - 1) * args.gradient_accumulation_steps + 1)
+    if ns.inf_grad_at_step > 0 or ns.inf_grads_from_step > 0:
+        step = max(ns.inf_grad_at_step, ns.inf_grads_from_step)
+        poison_gradients(model, (step - 1) * args.gradient_accumulation_steps + 1, later=ns.inf_grads_from_step > 0)
+    if ns.measure_draws:
+        count = model.train_flops
+        model.train_flops = lambda *a, **kw: count(*a, **kw) + 0 * torch.rand(()).item()
     trainer = Trainer(model, args, random_mlm_data(ns.n_train, 1), random_mlm_data(ns.n_val, 2),
+                      collate_fn=masking_collate if ns.mask_in_collate else None,
                       compute_metrics=token_accuracy, reduce_metrics=reduce_accuracy)
     if ns.crash_during_save_at > 0:
         save = trainer.engine.save_checkpoint
@@ -198,6 +286,23 @@ def main(argv=None) -> None:
                 os._exit(3)
 
         trainer.engine.save_checkpoint = save_then_crash
+    if ns.crash_in_best_export_at > 0:
+        export = trainer.checkpoints.export
+        # Every validation counts as the best, whatever the losses: each step exports best_model/.
+        trainer.best.update = lambda metrics, step: True
+
+        def export_then_crash(engine, folder, tokenizer=None):
+            best = trainer.run_dir / "best_model"
+            if trainer.global_step == ns.crash_in_best_export_at and trainer.rank == 0 and best.is_dir():
+                shutil.copytree(best, ns.dump / "best_before")
+            out = export(engine, folder, tokenizer)
+            if trainer.global_step == ns.crash_in_best_export_at:
+                os._exit(3)
+            return out
+
+        trainer.checkpoints.export = export_then_crash
+    if ns.loss_log is not None:
+        log_losses(trainer, ns.loss_log)
     summary = trainer.fit()
     if ns.dump is None:
         return

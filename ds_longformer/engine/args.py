@@ -7,24 +7,29 @@ defaults with ``parser.set_defaults`` and reads them back with ``TrainerArgs.fro
 
 The parser remembers which flags the user typed (``TrainerArgs.given``): a value written in the
 DeepSpeed config (see ds_config.py) yields to a flag the user gave, not to a flag's default.
+
+``ranged(kind, name, minimum, below)`` is the argparse type that reads a number and checks its range
+(finite, at least ``minimum``, below ``below``): the trainer's flags and the task programs' own.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
 _GIVEN = "_trainer_flags_given"  # namespace attribute: the dests of the trainer flags the user typed
 
 
 def flag(default, help: str, *, aliases: tuple[str, ...] = (), choices: tuple | None = None,
-         minimum: float | None = None, consts: dict[str, Any] | None = None):
+         minimum: float | None = None, below: float | None = None, consts: dict[str, Any] | None = None):
     """A TrainerArgs field with what its command-line flag needs: help, aliases (Hugging Face's names),
-    choices, the smallest allowed value, and ``consts`` (extra flags that set a fixed value, e.g.
-    ``--bf16`` for ``--precision bf16``)."""
+    choices, the range of a number (at least ``minimum``, less than ``below``; a float must be
+    finite), and ``consts`` (extra flags that set a fixed value, e.g. ``--bf16`` for ``--precision bf16``)."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "aliases": aliases, "choices": choices, "minimum": minimum, "consts": consts or {}})
+        "help": help, "aliases": aliases, "choices": choices, "minimum": minimum, "below": below,
+        "consts": consts or {}})
 
 
 @dataclasses.dataclass
@@ -37,17 +42,17 @@ class TrainerArgs:
     gradient_accumulation_steps: int = flag(1, "micro batches per optimizer step", minimum=1)
     lr: float = flag(5e-5, "peak learning rate", aliases=("--learning_rate",), minimum=0)
     weight_decay: float = flag(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)", minimum=0)
-    adam_beta1: float = flag(0.9, "AdamW beta1", minimum=0)
-    adam_beta2: float = flag(0.999, "AdamW beta2", minimum=0)
+    adam_beta1: float = flag(0.9, "AdamW beta1", minimum=0, below=1)
+    adam_beta2: float = flag(0.999, "AdamW beta2", minimum=0, below=1)
     adam_epsilon: float = flag(1e-8, "AdamW epsilon", minimum=0)
     warmup_steps: int = flag(0, "linear warmup steps", minimum=0)
     epochs: int = flag(1, "passes over the training set", aliases=("--num_train_epochs",), minimum=0)
-    max_steps: int = flag(-1, "> 0: train this many optimizer steps, whatever --epochs says")
+    max_steps: int = flag(-1, "> 0: train this many optimizer steps, whatever --epochs says", minimum=-1)
     val_check_interval: int = flag(0, "validate every N optimizer steps; 0: at the end of each epoch",
                                    aliases=("--eval_steps",), minimum=0)
     default_root_dir: str = flag("runs", "runs are written to DIR/<project_name>/", aliases=("--output_dir",))
     project_name: str = flag("ds-longformer", "the run's folder under --default_root_dir")
-    seed: int = flag(42, "seed of the weights' initialisation, data order and dropout")
+    seed: int = flag(42, "seed of the weights' initialisation, data order and dropout", minimum=0)
     gradient_checkpointing: bool = flag(False, "recompute each layer in backward (less memory, ~1/3 more time)")
     resume: str | None = flag(None, "'latest' (of this run folder) or a checkpoint folder",
                               aliases=("--resume_from_checkpoint",))
@@ -73,9 +78,10 @@ class TrainerArgs:
 
     def __post_init__(self):
         for f in flag_fields():
-            low, value = f.metadata["minimum"], getattr(self, f.name)
-            if low is not None and value < low:
-                raise ValueError(f"--{f.name} must be at least {low}, got {value}")
+            value = getattr(self, f.name)
+            problem = out_of_range(value, f.metadata["minimum"], f.metadata["below"])
+            if problem:
+                raise ValueError(f"--{f.name} {problem}")
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 raise ValueError(f"--{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
 
@@ -108,11 +114,25 @@ class _Given(argparse.Action):
         setattr(namespace, _GIVEN, given | {self.dest})
 
 
-def _typed(kind: type, name: str, minimum: float | None):
+def out_of_range(value, minimum: float | None = None, below: float | None = None) -> str | None:
+    """Why a number is not allowed ("must be at least 1, got 0"), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if minimum is not None and value < minimum:
+        return f"must be at least {minimum}, got {value}"
+    if below is not None and value >= below:
+        return f"must be less than {below}, got {value}"
+    return None
+
+
+def ranged(kind: type, name: str, minimum: float | None = None, below: float | None = None, even: bool = False):
+    """An argparse ``type`` reading a ``kind`` (int or float) in the range; ``name``: the flag's, for
+    the message. Task programs use it for their own numeric flags too."""
     def parse(text: str):
         value = kind(text)
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"--{name} must be at least {minimum}, got {value}")
+        problem = out_of_range(value, minimum, below) or (f"must be even, got {value}" if even and value % 2 else None)
+        if problem:
+            raise argparse.ArgumentTypeError(f"--{name.lstrip('-')} {problem}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
@@ -131,9 +151,9 @@ def add_trainer_args(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
             group.add_argument(*names, action=_Given, nargs=0, const=True, default=f.default, help=meta["help"])
             continue
         kind = {"int": int, "float": float}.get(f.type, str)  # (annotations are strings here)
-        group.add_argument(*names, action=_Given, type=_typed(kind, f.name, meta["minimum"]), default=f.default,
-                           choices=meta["choices"], metavar=f.name.upper() if meta["choices"] is None else None,
-                           help=meta["help"])
+        group.add_argument(*names, action=_Given, type=ranged(kind, f.name, meta["minimum"], meta["below"]),
+                           default=f.default, choices=meta["choices"],
+                           metavar=f.name.upper() if meta["choices"] is None else None, help=meta["help"])
         for const_flag, value in meta["consts"].items():
             group.add_argument(const_flag, dest=f.name, action=_Given, nargs=0, const=value, default=argparse.SUPPRESS,
                                help=f"same as --{f.name} {value}")

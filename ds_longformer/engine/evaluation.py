@@ -4,7 +4,10 @@
 ranks (rank r holds dataset[r::world]); all ranks run the same number of forwards (ZeRO-3 gathers
 weights in each: a rank with fewer batches repeats one and does not count it). Metrics:
 
-* ``loss``: the sample-weighted mean of the model's batch losses (when it returns one);
+* ``loss``: the sample-weighted mean of the model's batch losses (when it returns one), unless
+  ``reduce_metrics`` returns its own ``loss``: a task whose loss averages over tokens gives it from
+  additive statistics (pretrain: the masked tokens' NLL sum and count), so a batch that scores no
+  token (whose mean loss is NaN) does not make the validation loss NaN;
 * ``compute_metrics(outputs, batch) -> {name: additive statistic}`` (sums over the batch, e.g.
   ``{"correct": 7, "nll": 52.1}``), summed over batches and ranks; ``reduce_metrics(totals)`` turns the
   totals (plus ``"samples"``) into metrics, e.g. bits per character; without it each total is divided
@@ -84,10 +87,15 @@ class BestTracker:
         self.metric = metric.removeprefix("val/").removeprefix("eval_")
         self.mode, self.value, self.step = mode, value, step
 
+    def check(self, names) -> None:
+        """The metric must be one of ``names`` (those the validation reports)."""
+        if self.metric not in names:
+            raise UserError(f"--best_metric {self.metric!r} is not a validation metric of this task; it reports "
+                            f"{', '.join(sorted(names))}")
+
     def update(self, metrics: Mapping[str, float], step: int) -> bool:
         """Record a validation; True when it is the best so far (a NaN never is)."""
-        if self.metric not in metrics:
-            raise UserError(f"--best_metric {self.metric!r} is not a validation metric; have {sorted(metrics)}")
+        self.check(metrics)
         value = metrics[self.metric]
         better = self.value is None or (value < self.value if self.mode == "min" else value > self.value)
         if better and math.isfinite(value):

@@ -7,6 +7,7 @@ Usage
     parser.set_defaults(lr=3e-5, project_name="classify")   # task defaults
     args = TrainerArgs.from_namespace(parser.parse_args())
     setup_logging(args.log_level)
+    args = preflight(args, metrics=("loss", "accuracy"))   # flags, config, resume, folder: before any data
     seed_everything(args.seed)                 # before building the model (DeepSpeed also
     model = LongformerForMaskedLM(config)      # broadcasts rank 0's weights at start)
     trainer = Trainer(model, args, train_ds, val_ds, collate_fn=collator,
@@ -25,17 +26,25 @@ included), ``rank``, ``world_size``, ``global_step``, ``epoch``, ``run_dir``, ``
 
 Run folder ``<default_root_dir>/<project_name>/`` (= ``trainer.run_dir``): TensorBoard events (rank
 0: train/loss, lr, grad_norm, loss_scale (fp16), tokens_per_s, samples_per_s, step_time, tflops and
-mfu_percent (per device, model FLOPs from the model's ``train_flops``, see flops.py), gpu_peak_mem_gb
-or rss_gb; val/<metric>), ``metrics.jsonl`` (one object per validation: step, epoch, metrics),
+mfu_percent (per device, model FLOPs from the model's ``train_flops``, see flops.py; MFU only against a
+known peak: --peak_tflops or a known GPU's, see metrics.device_peak_flops), gpu_peak_mem_gb or rss_gb;
+val/<metric>), ``metrics.jsonl`` (one object per validation: step, epoch, metrics),
 ``checkpoints/`` (checkpointing.py), ``best_model/`` and ``final_model/`` (Hugging Face folders).
 
-Each step: forward and backward of ``gradient_accumulation_steps`` micro batches, one all-reduce of
-the step's loss, tokens, samples and FLOPs (every rank logs the same values and a non-finite loss
-stops every rank before the optimizer step), the optimizer step; then, in this order, logging,
+Each step: forward and backward of ``gradient_accumulation_steps`` micro batches (TrainingLoader,
+loader.py: collation seeded per batch), one all-reduce of the step's loss, tokens, samples and FLOPs
+(every rank logs the same values), the optimizer step; then, in this order, logging,
 validation every ``val_check_interval`` steps (or at each epoch's end), the epoch's end, a
 checkpoint every ``save_every_n_steps``: a checkpoint holds the state the next step starts from.
 Without a ``scheduler`` section in the DeepSpeed config the lr follows transformers' linear warmup +
 linear decay. A run resumed with another number of ranks re-plans the steps --epochs still needs.
+
+Divergence stops every rank at its step (``DivergenceError``, naming the step and the checkpoint to
+resume from): a non-finite loss (before the optimizer step), a non-finite gradient norm (fp32
+without ZeRO: before the update; bf16 and ZeRO: DeepSpeed has skipped the update), fp16's loss
+scaler giving up at its minimum scale (a step it skips is its own business). No checkpoint is
+written after it (and none from non-finite weights: checkpointing.py). Measuring (FLOP counts, the
+MFU's peak) runs inside ``rng.untouched()``: it never changes what trains.
 """
 
 from __future__ import annotations
@@ -44,35 +53,24 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from . import ds_config
 from .args import TrainerArgs
 from .batches import ModelInputs, batch_size, batch_tokens
 from .checkpointing import Checkpointer
 from .distributed import init_distributed, reduce_across_ranks
-from .errors import UserError
+from .errors import DivergenceError
 from .evaluation import BestTracker, evaluate
-from .metrics import MetricsWriter, Progress, device_peak_flops, plain_grad_norm, step_extras
-from .rng import seed_everything
+from .loader import ResumableDistributedSampler, TrainingLoader  # noqa: F401 (the sampler: importable here too)
+from .metrics import MFU, MetricsWriter, Progress, device_peak_flops, plain_grad_norm, step_extras
+from .preflight import check_training_set
+from .rng import seed_everything, untouched
 
 logger = logging.getLogger(__name__)
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch after its first `skip` indices (on resume),
-    so the rest of the epoch sees exactly the data order of an uninterrupted run."""
-
-    skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -102,18 +100,11 @@ class Trainer:
         self.args = args
         seed_everything(args.seed + self.rank)  # dropout etc. differ per rank, reproducibly
 
-        self.sampler = ResumableDistributedSampler(train_dataset, self.world_size, self.rank,
-                                                   shuffle=True, seed=args.seed)
-        self._loader_generator = torch.Generator()  # worker seeds, reseeded per epoch
-        self.train_loader = DataLoader(train_dataset, args.batch_size, sampler=self.sampler,
-                                       collate_fn=collate_fn, num_workers=args.num_workers, drop_last=True,
-                                       generator=self._loader_generator, pin_memory=not self.on_cpu)
+        self.train_loader = TrainingLoader(train_dataset, args.batch_size, collate_fn, args.num_workers, args.seed,
+                                           self.rank, self.world_size, pin_memory=not self.on_cpu)
+        self.sampler = self.train_loader.epoch_sampler
+        check_training_set(len(train_dataset), args, self.world_size)
         self.steps_per_epoch = len(self.train_loader) // args.gradient_accumulation_steps
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"the training set ({len(train_dataset)} samples) is smaller than one optimizer step "
-                f"({self.world_size} ranks x batch_size {args.batch_size} x gradient_accumulation_steps "
-                f"{args.gradient_accumulation_steps})")
         self.total_steps = args.max_steps if args.max_steps > 0 else args.epochs * self.steps_per_epoch
 
         if args.gradient_checkpointing:  # transformers' switch (gradient_checkpointing_enable before 5.x)
@@ -139,13 +130,14 @@ class Trainer:
             lr_scheduler=scheduler)
         self._inputs = ModelInputs(self.engine.module, self.engine.device)
         self._train_flops = getattr(self.engine.module, "train_flops", None)  # None: no tflops/MFU logged
-        self._peak_flops = None  # FLOP/s one device can do (rank 0, at fit)
+        self._mfu = None  # train/mfu_percent against the device's peak (rank 0, from fit)
 
         self.epoch, self.epoch_samples = 0, 0  # epoch_samples: global samples used in this epoch
         self.best = BestTracker(args.best_metric, args.best_mode)
         self.last_val_metrics = None
         self._validated_at = -1  # step of the last validation
         self._last_logged: dict = {}
+        state = {}
         if resume_from is not None:
             state = self.checkpoints.load(self.engine, resume_from, args.seed)
             self.epoch, self.epoch_samples = state["epoch"], state["epoch_samples"]
@@ -158,8 +150,8 @@ class Trainer:
                                    "DeepSpeed config's scheduler keeps total_num_steps=%d", planned - self.global_step,
                                    self.total_steps - self.global_step, self.total_steps)
                 self.total_steps = planned
-        self.metrics = MetricsWriter(self.run_dir, self.rank == 0,
-                                     keep_until=self.global_step if resume_from is not None else -1)
+        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, keep_until=self.global_step if state else -1,
+                                     keep_records=state.get("records"))
 
     @property
     def global_step(self) -> int:
@@ -178,9 +170,11 @@ class Trainer:
     def fit(self) -> dict:
         """Train to max_steps / epochs; returns a summary (steps, last losses, best, paths)."""
         progress = Progress(self.rank == 0, self.total_steps, self.global_step)
-        if self.rank == 0 and self._train_flops is not None and self._peak_flops is None:
-            self._peak_flops, source = device_peak_flops(self.engine, self.args.peak_tflops)
-            self.metrics.text("train/mfu_peak", f"{self._peak_flops / 1e12:.4g} TFLOP/s per device ({source})")
+        if self.rank == 0 and self._train_flops is not None and self._mfu is None:
+            self._mfu = MFU(*device_peak_flops(self.engine, self.args.peak_tflops))
+            if self._mfu.peak:
+                self.metrics.text("train/mfu_peak", f"{self._mfu.peak / 1e12:.4g} TFLOP/s per device "
+                                                    f"({self._mfu.source})")
         started = time.perf_counter()
         try:
             while self.global_step < self.total_steps:
@@ -204,11 +198,9 @@ class Trainer:
     def _train_epoch(self, progress: Progress) -> None:
         """The rest of the current epoch (all of it unless resumed mid-epoch), in whole optimizer
         steps; stops early at total_steps."""
-        args, ga = self.args, self.args.gradient_accumulation_steps
-        self.sampler.set_epoch(self.epoch)
-        self.sampler.skip = self.epoch_samples // self.world_size
-        self._loader_generator.manual_seed(args.seed + 1_000_003 * self.epoch + self.rank)
-        micro_batches = (len(self.sampler) // args.batch_size) // ga * ga
+        ga = self.args.gradient_accumulation_steps
+        self.train_loader.start_epoch(self.epoch, skip=self.epoch_samples // self.world_size)
+        micro_batches = len(self.train_loader) // ga * ga
         if micro_batches == 0:
             self.epoch, self.epoch_samples = self.epoch + 1, 0
             return
@@ -224,14 +216,19 @@ class Trainer:
                 totals = reduce_across_ranks(totals)
                 loss = totals[0].item() / (ga * self.world_size)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(self._nan_message(loss))
+                    raise DivergenceError(self._divergence_message(f"the training loss is {loss}"))
             self.engine.backward(outputs.loss)
             grad_norm = plain_grad_norm(self.engine) if boundary else None
-            self.engine.step()
+            if grad_norm is not None and not math.isfinite(grad_norm):  # fp32 without ZeRO: before the update
+                raise DivergenceError(self._divergence_message(f"the gradient norm is {grad_norm}"))
+            self._optimizer_step()
             if not boundary:
                 continue
             step_time = time.perf_counter() - step_start
             grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+            if grad_norm is not None and not math.isfinite(grad_norm) and not self.engine.fp16_enabled():
+                # (bf16, ZeRO: DeepSpeed skipped the update; fp16: a skipped step is the loss scaler's business)
+                raise DivergenceError(self._divergence_message(f"the gradient norm is {grad_norm}", self.global_step))
             logged = {"train/loss": loss, "train/lr": lr, "train/step_time": step_time,
                       "train/tokens_per_s": totals[1].item() / step_time,
                       "train/samples_per_s": totals[2].item() / step_time}
@@ -240,8 +237,7 @@ class Trainer:
             if totals[3] > 0:
                 per_device = totals[3].item() / self.world_size / step_time  # model FLOP/s
                 logged["train/tflops"] = per_device / 1e12
-                if self._peak_flops:
-                    logged["train/mfu_percent"] = 100 * per_device / self._peak_flops
+                logged.update(self._mfu(per_device) if self._mfu else {})
             self._after_step(progress, logged, epoch_done=micro + 1 == micro_batches)
             if self.global_step >= self.total_steps:
                 return
@@ -266,16 +262,28 @@ class Trainer:
             self.save_checkpoint()
             self.metrics.flush()  # a crash after this loses no logged step before the checkpoint
 
+    def _optimizer_step(self) -> None:
+        """engine.step(); DeepSpeed's fp16 loss scaler giving up (an overflow at its minimum scale)
+        stops the run as a divergence."""
+        try:
+            self.engine.step()
+        except Exception as err:
+            if self.engine.fp16_enabled() and "loss scale already at minimum" in str(err):
+                raise DivergenceError(self._divergence_message(
+                    "the fp16 gradients overflow at the loss scaler's minimum scale")) from err
+            raise
+
     def _batch_flops(self, batch: Mapping) -> float:
         if self._train_flops is None or not torch.is_tensor(batch.get("input_ids")):
             return 0.0
-        return self._train_flops(**{k: v for k, v in batch.items() if torch.is_tensor(v)})
+        with untouched():  # measuring never changes what trains
+            return self._train_flops(**{k: v for k, v in batch.items() if torch.is_tensor(v)})
 
-    def _nan_message(self, loss: float) -> str:
-        return (f"training loss is {loss} at step {self.global_step + 1} (epoch {self.epoch}); stopping "
-                f"before the optimizer step, {self.checkpoints.latest_note()}. Try a lower --lr, more "
-                "--warmup_steps, a smaller --grad_clip, or bf16/fp32 instead of fp16, and check the data of "
-                "this step.")
+    def _divergence_message(self, what: str, step: int | None = None) -> str:
+        step = self.global_step + 1 if step is None else step
+        return (f"training diverged at step {step} (epoch {self.epoch}): {what}; stopped before any checkpoint of "
+                f"it, {self.checkpoints.latest_note()}. Try a lower --lr, more --warmup_steps, a smaller "
+                "--grad_clip, or bf16/fp32 instead of fp16, and check the data of this step.")
 
     # ---- validation, records, checkpoints, export --------------------------------------------------
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
@@ -302,7 +310,8 @@ class Trainer:
         """A checkpoint of this step (checkpointing.py). Collective."""
         state = {"global_step": self.global_step, "epoch": self.epoch, "epoch_samples": self.epoch_samples,
                  "world_size": self.world_size, "zero_stage": self.engine.zero_optimization_stage(),
-                 "best_value": self.best.value, "best_step": self.best.step, "validated_at": self._validated_at}
+                 "best_value": self.best.value, "best_step": self.best.step, "validated_at": self._validated_at,
+                 "records": self.metrics.records}
         return self.checkpoints.save(self.engine, state)
 
     def export(self, folder: str | Path) -> Path:
