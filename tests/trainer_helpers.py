@@ -187,8 +187,10 @@ def main(argv=None) -> None:
     model = tiny_model(ns.dropout)
     if ns.nan_at_step > 0:
         poison_loss(model, (ns.nan_at_step - 1) * args.gradient_accumulation_steps + 1)
+    per_token = args.sequence_parallel_size == 1  # (sequence parallelism: no logits, the loss only)
     trainer = Trainer(model, args, random_mlm_data(ns.n_train, 1), random_mlm_data(ns.n_val, 2),
-                      compute_metrics=token_accuracy, reduce_metrics=reduce_accuracy)
+                      compute_metrics=token_accuracy if per_token else None,
+                      reduce_metrics=reduce_accuracy if per_token else None)
     if ns.crash_during_save_at > 0:
         save = trainer.engine.save_checkpoint
 
@@ -207,9 +209,10 @@ def main(argv=None) -> None:
              torch.utils.data.default_collate(random_mlm_data(2, 3)).items()}
     trainer.engine.eval()
     with torch.no_grad():
-        logits = trainer.engine(**probe).logits.float().cpu()
+        logits = trainer.engine(**probe).logits
     if trainer.rank == 0:
-        torch.save(logits, ns.dump / "logits.pt")
+        if logits is not None:
+            torch.save(logits.float().cpu(), ns.dump / "logits.pt")
         optimizer = trainer.engine.basic_optimizer  # the torch optimizer under DeepSpeed's wrappers
         summary["optimizer"] = {"class": type(optimizer).__name__, "fused": optimizer.defaults.get("fused")}
         summary["args"] = {k: v for k, v in dataclasses.asdict(trainer.args).items() if k != "given"}

@@ -20,8 +20,9 @@ Batches are dicts from ``collate_fn``; the tensors the model's ``forward`` accep
 (other keys may carry data for metrics), and it returns an object with ``.loss``/``.logits``.
 
 Attributes tasks may read: ``args`` (the values the run uses: a DeepSpeed config's own values
-included), ``rank``, ``world_size``, ``global_step``, ``epoch``, ``run_dir``, ``total_steps``,
-``engine`` (the DeepSpeed engine; ``engine.module`` is the model), ``metrics`` (its MetricsWriter).
+included), ``rank``, ``world_size``, ``parallel`` (sequence parallelism and the data-parallel
+ranks, parallel.py), ``global_step``, ``epoch``, ``run_dir``, ``total_steps``, ``engine`` (the
+DeepSpeed engine; ``engine.module`` is the model), ``metrics`` (its MetricsWriter).
 
 Run folder ``<default_root_dir>/<project_name>/`` (= ``trainer.run_dir``): TensorBoard events (rank
 0: train/loss, lr, grad_norm, loss_scale (fp16), tokens_per_s, samples_per_s, step_time, tflops and
@@ -36,6 +37,9 @@ validation every ``val_check_interval`` steps (or at each epoch's end), the epoc
 checkpoint every ``save_every_n_steps``: a checkpoint holds the state the next step starts from.
 Without a ``scheduler`` section in the DeepSpeed config the lr follows transformers' linear warmup +
 linear decay. A run resumed with another number of ranks re-plans the steps --epochs still needs.
+
+With ``--sequence_parallel_size P`` the ranks of a group share every batch (parallel.py): data,
+seeds and sample counts follow the data-parallel rank, and the model gets the group.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from . import ds_config
+from . import ds_config, parallel
 from .args import TrainerArgs
 from .batches import ModelInputs, batch_size, batch_tokens
 from .checkpointing import Checkpointer
@@ -100,10 +104,11 @@ class Trainer:
         self.run_dir = Path(args.default_root_dir) / args.project_name
         config, args = ds_config.resolve(args, self.world_size, self.on_cpu, self.run_dir)
         self.args = args
-        seed_everything(args.seed + self.rank)  # dropout etc. differ per rank, reproducibly
+        self.parallel = parallel.setup(self.rank, self.world_size, args.sequence_parallel_size)
+        replicas, data_rank = self.parallel.data_world_size, self.parallel.data_rank  # = world, rank without SP
+        seed_everything(args.seed + data_rank)  # dropout etc. differ per replica, reproducibly
 
-        self.sampler = ResumableDistributedSampler(train_dataset, self.world_size, self.rank,
-                                                   shuffle=True, seed=args.seed)
+        self.sampler = ResumableDistributedSampler(train_dataset, replicas, data_rank, shuffle=True, seed=args.seed)
         self._loader_generator = torch.Generator()  # worker seeds, reseeded per epoch
         self.train_loader = DataLoader(train_dataset, args.batch_size, sampler=self.sampler,
                                        collate_fn=collate_fn, num_workers=args.num_workers, drop_last=True,
@@ -112,13 +117,15 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"the training set ({len(train_dataset)} samples) is smaller than one optimizer step "
-                f"({self.world_size} ranks x batch_size {args.batch_size} x gradient_accumulation_steps "
+                f"({replicas} data-parallel ranks x batch_size {args.batch_size} x gradient_accumulation_steps "
                 f"{args.gradient_accumulation_steps})")
         self.total_steps = args.max_steps if args.max_steps > 0 else args.epochs * self.steps_per_epoch
 
         if args.gradient_checkpointing:  # transformers' switch (gradient_checkpointing_enable before 5.x)
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.train()  # from_pretrained gives eval mode, as transformers does
+        parallel.attach(model, self.parallel)
+        parallel.prepare_ds_config(config, model, args.sequence_parallel_size)
         ds_config.finalize(config, self.total_steps, getattr(getattr(model, "config", None), "hidden_size", None))
         self.checkpoints = Checkpointer(self.run_dir, self.rank, self.world_size, args.keep_last_k)
         resume_from = self.checkpoints.find(args.resume)
@@ -136,7 +143,7 @@ class Trainer:
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, args.weight_decay), config=config,
-            lr_scheduler=scheduler)
+            lr_scheduler=scheduler, mpu=self.parallel.mpu)
         self._inputs = ModelInputs(self.engine.module, self.engine.device)
         self._train_flops = getattr(self.engine.module, "train_flops", None)  # None: no tflops/MFU logged
         self._peak_flops = None  # FLOP/s one device can do (rank 0, at fit)
@@ -148,6 +155,9 @@ class Trainer:
         self._last_logged: dict = {}
         if resume_from is not None:
             state = self.checkpoints.load(self.engine, resume_from, args.seed)
+            if (state["world_size"], state.get("sequence_parallel_size", 1)) != (self.world_size,
+                                                                                  args.sequence_parallel_size):
+                seed_everything(args.seed + data_rank + self.global_step)  # new RNG streams, one per replica
             self.epoch, self.epoch_samples = state["epoch"], state["epoch_samples"]
             self.best.value, self.best.step = state["best_value"], state["best_step"]
             self._validated_at = state.get("validated_at", -1)  # a finished run resumed does not validate again
@@ -170,7 +180,7 @@ class Trainer:
         this world size (a step's global batch, and so steps_per_epoch, changes with the ranks)."""
         if self.epoch >= self.args.epochs:
             return self.global_step
-        per_rank_left = self.sampler.num_samples - self.epoch_samples // self.world_size
+        per_rank_left = self.sampler.num_samples - self.epoch_samples // self.parallel.data_world_size
         left_this_epoch = per_rank_left // self.args.batch_size // self.args.gradient_accumulation_steps
         return self.global_step + left_this_epoch + (self.args.epochs - self.epoch - 1) * self.steps_per_epoch
 
@@ -206,20 +216,22 @@ class Trainer:
         steps; stops early at total_steps."""
         args, ga = self.args, self.args.gradient_accumulation_steps
         self.sampler.set_epoch(self.epoch)
-        self.sampler.skip = self.epoch_samples // self.world_size
-        self._loader_generator.manual_seed(args.seed + 1_000_003 * self.epoch + self.rank)
+        self.sampler.skip = self.epoch_samples // self.parallel.data_world_size
+        self._loader_generator.manual_seed(args.seed + 1_000_003 * self.epoch + self.parallel.data_rank)
         micro_batches = (len(self.sampler) // args.batch_size) // ga * ga
         if micro_batches == 0:
             self.epoch, self.epoch_samples = self.epoch + 1, 0
             return
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, samples, model FLOPs on this rank
+        counted = float(self.parallel.counts_data)  # (sequence parallelism: a group's batch counts once)
         step_start = time.perf_counter()
         for micro, batch in zip(range(micro_batches), self.train_loader):
             boundary = (micro + 1) % ga == 0
             lr = self.engine.get_lr()[0]
+            parallel.check_same_batch(batch, self.parallel)
             outputs = self.engine(**self._inputs(batch))
-            totals += torch.tensor([outputs.loss.item(), batch_tokens(batch), batch_size(batch),
-                                    self._batch_flops(batch)], dtype=torch.float64)
+            totals += torch.tensor([outputs.loss.item(), counted * batch_tokens(batch), counted * batch_size(batch),
+                                    counted * self._batch_flops(batch)], dtype=torch.float64)
             if boundary:  # one all-reduce per step: every rank logs the same values and stops together
                 totals = reduce_across_ranks(totals)
                 loss = totals[0].item() / (ga * self.world_size)
@@ -252,7 +264,7 @@ class Trainer:
         """Log, validate, advance the epoch, save: in this order, so a checkpoint holds the state
         the next step starts from."""
         args, step = self.args, self.global_step
-        self.epoch_samples += args.batch_size * args.gradient_accumulation_steps * self.world_size
+        self.epoch_samples += args.batch_size * args.gradient_accumulation_steps * self.parallel.data_world_size
         self._last_logged = logged = {**logged, **step_extras(self.engine)}
         if step % args.log_every_n_steps == 0 or step == self.total_steps:
             self.metrics.scalars(logged, step)
@@ -283,7 +295,8 @@ class Trainer:
         self.engine.eval()
         try:
             return evaluate(lambda batch: self.engine(**self._inputs(batch)), dataset, self.args.batch_size,
-                            self.collate_fn, self.args.num_workers, self.compute_metrics, self.reduce_metrics)
+                            self.collate_fn, self.args.num_workers, self.compute_metrics, self.reduce_metrics,
+                            (self.parallel.data_rank, self.parallel.data_world_size), self.parallel.counts_data)
         finally:
             self.engine.train()
 
@@ -302,6 +315,7 @@ class Trainer:
         """A checkpoint of this step (checkpointing.py). Collective."""
         state = {"global_step": self.global_step, "epoch": self.epoch, "epoch_samples": self.epoch_samples,
                  "world_size": self.world_size, "zero_stage": self.engine.zero_optimization_stage(),
+                 "sequence_parallel_size": self.args.sequence_parallel_size,
                  "best_value": self.best.value, "best_step": self.best.step, "validated_at": self._validated_at}
         return self.checkpoints.save(self.engine, state)
 
