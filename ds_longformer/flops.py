@@ -87,8 +87,9 @@ def matmul_rate(device: torch.device | str, dtype: torch.dtype, n: int = 4096, c
     """Measured FLOP/s of an (n x c) @ (c x c) matmul, the shape of a projection: the median of
     `repeats` timings by `clock(fn) -> seconds` (default: wall time, synchronized on CUDA)."""
     device = torch.device(device)
-    a = torch.randn(n, c, device=device, dtype=dtype)
-    w = torch.randn(c, c, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # its own: measuring never moves the training's streams
+    a = torch.randn(n, c, device=device, dtype=dtype, generator=generator)
+    w = torch.randn(c, c, device=device, dtype=dtype, generator=generator)
     calls = 50 if device.type == "cuda" else 1  # one GPU matmul (~10 us) would mostly time the launch and sync
 
     def matmuls():

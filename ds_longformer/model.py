@@ -158,8 +158,7 @@ class LongformerEncoder(nn.Module):
         hidden_states = (x,) if output_hidden_states else None
         local, global_ = [], []
         for layer in self.layer:
-            with own_rng(layout.sequence_parallel, x.device):
-                x, probs = layer(x, layout, output_attentions=output_attentions)
+            x, probs = layer(x, layout, output_attentions=output_attentions)
             if output_hidden_states:
                 hidden_states += (x,)
             if output_attentions:
@@ -169,13 +168,6 @@ class LongformerEncoder(nn.Module):
             last_hidden_state=x, hidden_states=hidden_states,
             attentions=tuple(local) if output_attentions else None,
             global_attentions=tuple(global_) if output_attentions and layout.num_global else None)
-
-
-def own_rng(sp: SequenceParallel | None, device: torch.device):
-    """Under sequence parallelism a layer's (or the embeddings') dropout draws from a stream of
-    this rank's own (SequenceParallel.own_rng: masks independent across the ranks' tokens and heads);
-    otherwise nothing changes."""
-    return contextlib.nullcontext() if sp is None else sp.own_rng(device)
 
 
 class LongformerPooler(nn.Module):
@@ -497,9 +489,12 @@ class LongformerModel(LongformerPreTrainedModel):
             attention_mask, global_attention_mask, token_type_ids, inputs_embeds = (
                 sp.pad(x, 0) for x in (attention_mask, global_attention_mask, token_type_ids, inputs_embeds))
         layout = AttentionLayout.build(attention_mask, global_attention_mask, sp)  # masks once for every layer
-        with own_rng(sp, device):
+        # Under sequence parallelism the dropout of this rank's tokens and heads draws from a stream of its own
+        # (SequenceParallel.own_rng); activation checkpointing stashes and restores that stream per layer.
+        dropout = self.training and (c.hidden_dropout_prob > 0 or c.attention_probs_dropout_prob > 0)
+        with sp.own_rng(device) if sp is not None and dropout else contextlib.nullcontext():
             x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, layout)  # (B, N or n, C)
-        encoded = self.encoder(x, layout, output_attentions, output_hidden_states)
+            encoded = self.encoder(x, layout, output_attentions, output_hidden_states)
         pooled = None
         if self.pooler is not None:  # (B, C), from the first token
             first = encoded.last_hidden_state if sp is None else \

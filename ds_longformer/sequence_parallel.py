@@ -28,10 +28,10 @@ Dropout. Every rank of a group draws the same numbers from torch's default gener
 seed, the same draws: the batches, and the heads' dropout on gathered rows, must agree). Random
 decisions about this rank's own tokens or heads must not: with one shared stream every shard
 would drop the same elements and heads on different ranks the same attention entries. `own_rng`
-runs a block (an encoder layer, the embeddings) on a generator of this rank's own, seeded from one
-draw of the shared one: masks independent across ranks, the shared generator advanced alike on
-every rank, and activation checkpointing (which restores the shared generator before recomputing
-a layer) redraws the same masks.
+runs the embeddings and the layers (when the model has dropout) on a generator of this rank's own,
+seeded from one draw of the shared one: masks independent across ranks, the shared generator
+advanced alike on every rank, and activation checkpointing (which stashes the generator's state
+before each layer and restores it to recompute the layer) redraws the same masks.
 
 Without sequence parallelism none of this runs: `LongformerModel.sequence_parallel` is None.
 """
