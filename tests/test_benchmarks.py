@@ -33,6 +33,11 @@ RUNS = {
                                      "--budget_gib", "2", "--warmup_len", "32"]),
     "over_budget": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--impls", "ours", "--start", "16",
                                          "--budget_gib", "0.001"]),
+    "longest_sp": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--impls", "ours",
+                                        "--sequence_parallel_size", "1", "2", "--start", "64", "--max_len", "64",
+                                        "--budget_gib", "2", "--warmup_len", "32"]),
+    "over_budget_sp": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--impls", "ours",
+                                            "--sequence_parallel_size", "2", "--start", "16", "--budget_gib", "0.001"]),
     "fp16_on_cpu": ("train_step", ["--device", "cpu", "--precisions", "fp16"]),
     "masked_head": ("train_step", [*TINY_MODEL, "--precisions", "fp32", "--seq_len", "64", "--checkpointing", "off",
                                    "--steps", "1", "--warmup", "1", "--warmup_len", "32", "--rounds", "1",
@@ -134,10 +139,11 @@ def test_train_step_against_transformers_with_the_masked_only_head(cli):
 
 
 def test_search_stops_on_a_worker_failure_that_is_not_memory(monkeypatch):
-    monkeypatch.setattr(longest_sequence, "run_worker", lambda module, spec, threads, timeout: {**spec, "error": "boom"})
+    boom = lambda module, spec, threads, timeout, nproc: {**spec, "error": "boom"}  # noqa: E731
+    monkeypatch.setattr(longest_sequence, "run_worker", boom)
     with pytest.raises(RuntimeError, match="failed \\(boom\\), not for memory"):
         longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 512, 60, report=lambda r: None)
-    oom = lambda module, spec, threads, timeout: {**spec, "error": "out of memory"}  # noqa: E731
+    oom = lambda module, spec, threads, timeout, nproc: {**spec, "error": "out of memory"}  # noqa: E731
     monkeypatch.setattr(longest_sequence, "run_worker", oom)
     assert longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 4096, 60, report=lambda r: None)[0] is None
 
@@ -174,16 +180,35 @@ def test_longest_sequence_cli(cli):
     assert all(0 < t["peak_mib"] <= 2 * 1024 for t in result["tries"])
 
 
-def test_longest_sequence_stops_a_worker_over_budget(cli):
-    returncode, stdout, stderr, result = cli("over_budget")
+@pytest.mark.parametrize("run, model", [("over_budget", "ours"), ("over_budget_sp", "ours P=2")])
+def test_longest_sequence_stops_a_worker_over_budget(cli, run, model):
+    """(At P=2 the rank over budget stops its launcher, so its peer does not wait for it.)"""
+    returncode, stdout, stderr, result = cli(run)
     assert returncode == 0, stderr[-3000:]
-    assert "longest ours: none" in stdout
+    assert f"longest {model}: none" in stdout
     (attempt,) = result["tries"]
     assert attempt["fits"] is False and attempt["stopped"] == "over budget"
 
 
+def test_longest_sequence_with_sequence_parallelism(cli):
+    """ours at P=1 and at P=2 (2 CPU ranks): the largest rank's peak and activations, the bytes a rank
+    sends per layer (all-to-alls of q, k, v and the output forward, backward and in checkpointing's
+    recompute: 12 tensors of (N/2 x hidden) fp32, half of each sent; plus the global rows' all-reduces)."""
+    returncode, stdout, stderr, result = cli("longest_sp")
+    assert returncode == 0, stderr[-3000:]
+    assert result["longest"] == {"ours": 64, "ours P=2": 64}
+    one, two = result["tries"]
+    assert (one["sequence_parallel_size"], two["sequence_parallel_size"]) == (1, 2)
+    assert len(two["peak_mib_ranks"]) == 2 and two["peak_mib"] == max(two["peak_mib_ranks"]) > 0
+    assert all(run["act_only_mib"] >= 0 and run["memory_step_s"] > 0 for run in (one, two))
+    all_to_alls = 12 * 0.5 * 32 * 32 * 4 / 2**20
+    assert all_to_alls < two["comm_mib_per_layer"] < 1.2 * all_to_alls and "comm_mib_per_layer" not in one
+    assert "activation_ratio_p2" in result  # (at N=64 the activations are below what RSS resolves: no ratio)
+    assert "ratio ours P=2/P=1 (longest N per rank budget): not measured, both reach --max_len" in stdout
+
+
 def test_search_doubles_while_it_fits_and_halves_while_it_does_not(monkeypatch):
-    def fake_worker(module, spec, threads, timeout):
+    def fake_worker(module, spec, threads, timeout, nproc):
         return {**spec, "fits": spec["seq_len"] <= limit}
 
     monkeypatch.setattr(longest_sequence, "run_worker", fake_worker)

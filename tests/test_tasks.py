@@ -583,6 +583,17 @@ def test_wikihop_longformer_sequence_parallel(models, wikihop_files, tmp_path, w
     assert sequence_parallel_state(run_dir) == 2
 
 
+def test_classify_longformer_sequence_parallel(models, tmp_path):
+    """<s> read from the rank holding it; the same checks as the data-parallel run."""
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    argv = classify_args(tmp_path, "--dataset", "Hyperpartisan", "--data_dir", data, "--model", "Longformer",
+                         "--model_path", models.long, "--batch_size", 1, "--sequence_parallel_size", 2)
+    proc = run_two_ranks("ds_longformer.classify", argv)
+    run_dir = tmp_path / "Classification"
+    check_classification_run(run_dir, proc.stdout)
+    assert sequence_parallel_state(run_dir) == 2
+
+
 def test_sequence_parallel_size_that_does_not_divide_the_ranks_is_a_message(models, wikihop_files, tmp_path, capsys):
     argv = wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long, "--max_seq_len", 96,
                         "--sequence_parallel_size", 2)
