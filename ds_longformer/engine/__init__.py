@@ -5,6 +5,7 @@
     distributed.py    ranks from the launcher's environment, the process group, small collectives
     log.py            who prints what: rank 0 at info, other ranks errors only, DeepSpeed at warning
     trainer.py        the train loop (Trainer), which calls the components below
+    parallel.py       sequence parallelism: groups, data-parallel ranks, its DeepSpeed config rules
     checkpointing.py  save / prune / resume / roll-back / RNG, Hugging Face export
     evaluation.py     evaluation split over the ranks, best-model tracking
     metrics.py        TensorBoard + metrics.jsonl (rank 0), progress bar, per-step measurements
