@@ -105,11 +105,16 @@ class SequenceParallel:
         """Run the block on generators of this rank's own (CPU, and `device`'s), seeded from one
         draw of the shared default generator; the shared generators are then as after that draw."""
         seed = _mix(int(torch.randint(0, 2**62, ())), self.rank)
-        accelerator = [] if device.type == "cpu" else [device.index or 0]
-        with torch.random.fork_rng(devices=accelerator, device_type=device.type if accelerator else "cuda"):
+        if device.type == "cpu":
+            accelerator, device_type = [], "cuda"  # (fork_rng's default type; no device listed)
+        else:
+            module = torch.get_device_module(device.type)
+            accelerator = [device.index if device.index is not None else module.current_device()]
+            device_type = device.type
+        with torch.random.fork_rng(devices=accelerator, device_type=device_type):
             torch.default_generator.manual_seed(seed)
             if accelerator:
-                torch.get_device_module(device.type).manual_seed(seed)
+                torch.get_device_module(device.type).manual_seed(seed)  # the current device's generator
             yield
 
     # ---- the band over all tokens for this rank's heads -------------------------------------------
