@@ -121,7 +121,8 @@ def main(argv=None) -> dict:
     model_path = args.model_path or SHORT_MODEL
     load_examples, id2label = DATASETS[args.dataset]
     examples = load_examples(data_dir(args))  # fails fast if missing
-    check_training_set(len(examples["train"]), trainer_args, find_launch().world_size)
+    check_training_set(len(examples["train"]), trainer_args,  # (data-parallel ranks: a group shares its batch)
+                       max(1, find_launch().world_size // trainer_args.sequence_parallel_size))
 
     seed_everything(args.seed)  # the new classification head
     load_model = load_longformer if args.model == "Longformer" else load_baseline

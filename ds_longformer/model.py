@@ -8,6 +8,10 @@
     LongformerForMultipleChoice          + classifier on the pooled <s> of each choice (global attention on the choice)
     LongformerForCandidateScoring        + qa_score at given candidate positions (the paper's WikiHop model)
 
+Sequence parallelism (`model.set_sequence_parallel(group)`, ds_longformer/sequence_parallel.py):
+each rank of a group of P embeds and runs the layers on N / P tokens of every sequence; the
+encoder's outputs are this rank's tokens, the heads' losses and logits those of the whole batch.
+
 Every class is a `transformers.PreTrainedModel` with transformers' module and parameter names,
 forward arguments, output classes (`[0]`, `to_tuple()`, `return_dict=False`), embedding and
 resize API, weight tying and gradient-checkpointing switch, so `save_pretrained` folders load
@@ -19,6 +23,7 @@ H heads, V vocabulary, G global tokens.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -44,6 +49,7 @@ from . import flops, short_encoders, weights
 from .attention import AttentionLayout, LongformerSelfAttention, check_backend
 from .config import LongformerConfig
 from .losses import CE_CHUNK_ELEMENTS, linear_cross_entropy
+from .sequence_parallel import SequenceParallel
 
 
 # ---- the encoder --------------------------------------------------------------------------------
@@ -62,15 +68,26 @@ class LongformerEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    def positions(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        """(B, N) position ids of the whole sequence."""
         pad = self.padding_idx
-        if position_ids is None and input_ids is not None:
+        if input_ids is not None:
             not_pad = input_ids.ne(pad).int()
-            position_ids = torch.cumsum(not_pad, dim=1) * not_pad + pad  # (B, N)
-        elif position_ids is None:
-            n = inputs_embeds.shape[1]
-            position_ids = torch.arange(pad + 1, n + pad + 1, device=inputs_embeds.device).expand(inputs_embeds.shape[:2])
+            return torch.cumsum(not_pad, dim=1) * not_pad + pad
+        n = inputs_embeds.shape[1]
+        return torch.arange(pad + 1, n + pad + 1, device=inputs_embeds.device).expand(inputs_embeds.shape[:2])
+
+    def forward(self, input_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                layout: AttentionLayout | None = None) -> Tensor:
+        """(B, N, C). With a layout under sequence parallelism the inputs are the whole sequence's and
+        only this rank's tokens are embedded (B, n, C), their positions counted over the whole sequence."""
+        if position_ids is None:
+            position_ids = self.positions(input_ids, inputs_embeds)  # (B, N)
+        if layout is not None and layout.sequence_parallel is not None:
+            input_ids, token_type_ids, position_ids, inputs_embeds = (
+                None if x is None else layout.local(x) for x in (input_ids, token_type_ids, position_ids,
+                                                                 inputs_embeds))
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         if token_type_ids is None:
@@ -240,6 +257,7 @@ class LongformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongformerSelfAttention"]
     _keys_to_ignore_on_load_unexpected = [r"position_ids$"]  # a buffer older checkpoints saved
+    _sequence_parallel: SequenceParallel | None = None  # set_sequence_parallel, on the base model
 
     def _init_weights(self, module: nn.Module):
         """transformers' rule (normal(0, initializer_range) for linear and embedding weights, zero
@@ -332,6 +350,45 @@ class LongformerPreTrainedModel(PreTrainedModel):
         for layer in self.base_model.encoder.layer:
             layer.attention.self.backend = backend
 
+    # ---- sequence parallelism -------------------------------------------------------------------
+    def set_sequence_parallel(self, group) -> None:
+        """Run every later forward with sequence parallelism over `group`, a torch.distributed
+        process group of P ranks that all get the same batches (None, or a group of one: off). See
+        sequence_parallel.py; every rank of the group must call the model alike. The weights are
+        unchanged (a save is an ordinary folder). ValueError for a head count not divisible by P
+        or a head without sequence-parallel support."""
+        sp = group if isinstance(group, SequenceParallel) or group is None else SequenceParallel.of(group)
+        if sp is not None:
+            supported = (LongformerModel, LongformerForMaskedLM, LongformerForSequenceClassification,
+                         LongformerForCandidateScoring)
+            if not isinstance(self, supported):
+                raise ValueError(f"{type(self).__name__} has no sequence-parallel support; supported: "
+                                 f"{', '.join(cls.__name__ for cls in supported)}")
+            heads = self.config.num_attention_heads
+            if heads % sp.size:
+                raise ValueError(f"num_attention_heads={heads} is not divisible by sequence_parallel_size={sp.size}: "
+                                 "each rank attends with an equal share of the heads")
+        self.base_model._sequence_parallel = sp
+
+    @property
+    def sequence_parallel(self) -> SequenceParallel | None:
+        """This rank's SequenceParallel (set_sequence_parallel), or None."""
+        return self.base_model._sequence_parallel
+
+    def replicated_loss(self, loss: Tensor | None) -> Tensor | None:
+        """A loss computed alike on every rank of a sequence-parallel group (from gathered rows): its
+        gradient shared out over the group (SequenceParallel.replicated_loss); unchanged without."""
+        sp = self.sequence_parallel
+        return loss if sp is None or loss is None else sp.replicated_loss(loss)
+
+    def _rows(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """hidden (B, N, C) at positions (B, K) of the whole sequence: (B, K, C), under sequence
+        parallelism gathered from the ranks holding them."""
+        sp = self.sequence_parallel
+        if sp is not None:
+            return sp.gather_rows(hidden, positions)
+        return hidden.gather(1, positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
     # ---- shared by the heads --------------------------------------------------------------------
     def _default_global_mask(self, input_ids: Tensor | None, global_attention_mask: Tensor | None) -> Tensor | None:
         return global_attention_mask  # heads that add global tokens by default say so
@@ -418,13 +475,31 @@ class LongformerModel(LongformerPreTrainedModel):
         output_attentions = c.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         shape = self._check_inputs(input_ids, attention_mask, global_attention_mask, position_ids, inputs_embeds)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
         if attention_mask is None:
-            device = (input_ids if input_ids is not None else inputs_embeds).device
             attention_mask = torch.ones(shape, dtype=torch.long, device=device)
-        layout = AttentionLayout.build(attention_mask, global_attention_mask)  # masks once for every layer
-        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, N, C)
-        encoded = self.encoder(x, layout, output_attentions, output_hidden_states)
-        pooled = self.pooler(encoded.last_hidden_state) if self.pooler is not None else None  # (B, C)
+        sp = self.sequence_parallel
+        if sp is not None:  # the whole sequence, padded to a multiple of P: each rank then holds N / P tokens
+            if output_attentions:
+                raise ValueError("output_attentions is not available under sequence parallelism (each rank holds "
+                                 "N / P tokens and H / P heads of the band)")
+            if position_ids is None:
+                position_ids = self.embeddings.positions(input_ids, inputs_embeds)
+            input_ids, position_ids = sp.pad(input_ids, c.pad_token_id), sp.pad(position_ids, c.pad_token_id)
+            attention_mask, global_attention_mask, token_type_ids, inputs_embeds = (
+                sp.pad(x, 0) for x in (attention_mask, global_attention_mask, token_type_ids, inputs_embeds))
+        layout = AttentionLayout.build(attention_mask, global_attention_mask, sp)  # masks once for every layer
+        # Under sequence parallelism the dropout of this rank's tokens and heads draws from a stream of its own
+        # (SequenceParallel.own_rng); activation checkpointing stashes and restores that stream per layer.
+        dropout = self.training and (c.hidden_dropout_prob > 0 or c.attention_probs_dropout_prob > 0)
+        with sp.own_rng(device) if sp is not None and dropout else contextlib.nullcontext():
+            x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, layout)  # (B, N or n, C)
+            encoded = self.encoder(x, layout, output_attentions, output_hidden_states)
+        pooled = None
+        if self.pooler is not None:  # (B, C), from the first token
+            first = encoded.last_hidden_state if sp is None else \
+                self._rows(encoded.last_hidden_state, torch.zeros(shape[0], 1, dtype=torch.long, device=device))
+            pooled = self.pooler(first)
         return self._outputs(LongformerBaseModelOutputWithPooling(
             last_hidden_state=encoded.last_hidden_state, pooler_output=pooled, **self._extras(encoded)), return_dict)
 
@@ -459,10 +534,15 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         """Training with labels scores only the labelled (masked) positions, in chunks
         (losses.linear_cross_entropy): the same loss without the (B, N, V) logits, which at N=4096
         and V=50k cost more than the encoder layers; then `.logits` is None. In eval mode, or
-        without labels, `.logits` is (B, N, V) as usual."""
+        without labels, `.logits` is (B, N, V) as usual. Under sequence parallelism with labels
+        the loss is always computed so (`.logits` None), and without labels `.logits` holds this
+        rank's tokens (B, N / P, V)."""
         encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                                   inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
         hidden = encoded.last_hidden_state  # (B, N, C)
+        if labels is not None and self.sequence_parallel is not None:
+            loss = self._sequence_parallel_loss(hidden, labels)
+            return self._outputs(LongformerMaskedLMOutput(loss=loss, **self._extras(encoded)), return_dict)
         if labels is not None and self.training and torch.is_grad_enabled():
             scored = labels != -100  # M masked tokens; their logits are never held at once
             if scored.any():
@@ -475,6 +555,20 @@ class LongformerForMaskedLM(LongformerPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
         return self._outputs(LongformerMaskedLMOutput(loss=loss, logits=logits, **self._extras(encoded)), return_dict)
+
+    def _sequence_parallel_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """The mean cross-entropy over the M masked tokens of the batch from this rank's hidden
+        (B, n, C): its own M_r masked tokens' mean, times M_r / M, summed over the group (the value;
+        the gradient is this rank's share)."""
+        sp = self.sequence_parallel
+        local = sp.local(labels, fill=-100)  # (B, n)
+        scored = local != -100
+        mine, everyone = int(scored.sum()), int((labels != -100).sum())
+        if mine:
+            partial = self.lm_head(hidden[scored], local[scored]) * (mine / everyone)
+        else:  # nothing to score here: a zero that still reaches every head weight (ZeRO expects it)
+            partial = self.lm_head(hidden[scored]).sum() * 0.0
+        return sp.partial_loss(partial)
 
 
 # ---- sequence classification ---------------------------------------------------------------------
@@ -504,8 +598,11 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
         global_attention_mask = self._default_global_mask(input_ids, global_attention_mask, inputs_embeds)
         encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                                   inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
-        logits = self.classifier(encoded.last_hidden_state)  # (B, num_labels)
-        loss = None if labels is None else self._loss(logits.float(), labels)
+        hidden = encoded.last_hidden_state
+        if self.sequence_parallel is not None:  # <s>, from the rank holding it: (B, 1, C)
+            hidden = self._rows(hidden, torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device))
+        logits = self.classifier(hidden)  # (B, num_labels)
+        loss = None if labels is None else self.replicated_loss(self._loss(logits.float(), labels))
         return self._outputs(LongformerSequenceClassifierOutput(loss=loss, logits=logits, **self._extras(encoded)),
                              return_dict)
 
@@ -658,11 +755,10 @@ class LongformerForCandidateScoring(LongformerPreTrainedModel):
             raise ValueError("LongformerForCandidateScoring needs candidate_positions (B, K)")
         encoded = self.longformer(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids,
                                   inputs_embeds, output_attentions, output_hidden_states, return_dict=True)
-        hidden = encoded.last_hidden_state
-        idx = candidate_positions[:, :, None].expand(-1, -1, hidden.shape[-1])
-        logits = self.qa_score(hidden.gather(1, idx)).squeeze(-1).float()  # (B, K)
+        rows = self._rows(encoded.last_hidden_state, candidate_positions)  # (B, K, C)
+        logits = self.qa_score(rows).squeeze(-1).float()  # (B, K)
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.bool(), float("-inf"))
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = self.replicated_loss(F.cross_entropy(logits, labels)) if labels is not None else None
         return self._outputs(LongformerSequenceClassifierOutput(loss=loss, logits=logits, **self._extras(encoded)),
                              return_dict)

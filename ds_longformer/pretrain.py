@@ -148,7 +148,11 @@ METRICS = ("loss", "bpc")  # what a validation reports (bpc_metrics)
 
 
 def masked_nll(outputs, batch) -> dict:
-    """Sum of the masked tokens' negative log-likelihoods (nats) and their number."""
+    """Sum of the masked tokens' negative log-likelihoods (nats) and their number. Under sequence
+    parallelism the model gives no logits, and the batch's mean loss (over its masked tokens) instead."""
+    if outputs.logits is None:
+        masked = (batch["labels"] != -100).sum().item()
+        return {"nll": outputs.loss.item() * masked if masked else 0.0, "masked": masked}
     labels = batch["labels"].to(outputs.logits.device)
     nll = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
     return {"nll": nll.item(), "masked": (labels != -100).sum().item()}

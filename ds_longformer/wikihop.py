@@ -60,7 +60,8 @@ class WikiHopModel(LongformerForCandidateScoring):
         chunk_scores = super().forward(input_ids, attention_mask, global_attention_mask, candidate_positions,
                                        token_type_ids=token_type_ids)
         logits = average_chunk_scores(chunk_scores.logits, chunk_to_example, candidate_mask)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        # (replicated_loss: under sequence parallelism every rank computes this loss alike)
+        loss = self.replicated_loss(F.cross_entropy(logits, labels)) if labels is not None else None
         return LongformerSequenceClassifierOutput(loss=loss, logits=logits)
 
 

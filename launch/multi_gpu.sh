@@ -3,6 +3,8 @@
 #
 #   bash launch/multi_gpu.sh [--dry-run] NGPUS MODULE [ARGS...]
 #   bash launch/multi_gpu.sh 8 ds_longformer.pretrain --deepspeed_config zero3 ...
+#   bash launch/multi_gpu.sh 8 ds_longformer.pretrain --sequence_parallel_size 8 --max_seq_len 65536 ...
+#       (sequence parallelism: the 8 GPUs hold each document between them, 8192 tokens each)
 #
 # LAUNCHER=deepspeed (default; the first N of CUDA_VISIBLE_DEVICES when set) or LAUNCHER=torchrun.
 # OMP_NUM_THREADS defaults to cores / N (the deepspeed launcher leaves it unset). MASTER_PORT defaults to 29500.

@@ -12,6 +12,9 @@
 #
 #   sbatch [--nodes 4 --gpus-per-node 8] launch/slurm.sh MODULE [ARGS...]
 #   sbatch launch/slurm.sh ds_longformer.pretrain --deepspeed_config zero3 --resume latest ...
+#   sbatch --nodes 4 launch/slurm.sh ds_longformer.pretrain --sequence_parallel_size 8 --max_seq_len 65536 ...
+#       (sequence parallelism: each node's 8 GPUs hold a document between them -- a group is 8
+#       consecutive ranks, one node -- and the 4 nodes are data-parallel replicas)
 #
 # GPUS_PER_NODE defaults to SLURM_GPUS_ON_NODE (else 8); MASTER_PORT to 20000 + job id % 20000.
 # --dry-run (or DRY_RUN=1) prints the srun command; it also works outside an allocation.

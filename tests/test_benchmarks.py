@@ -30,9 +30,9 @@ RUNS = {
     "train_step": ("train_step", [*TINY_MODEL, "--precisions", "fp32", "--seq_len", "64", "--checkpointing", "on",
                                   "--steps", "1", "--warmup", "1", "--warmup_len", "32", "--rounds", "2"]),
     "longest": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--start", "64", "--max_len", "64",
-                                     "--budget_gib", "2", "--warmup_len", "32"]),
+                                     "--budget_gib", "2", "--warmup_len", "32", "--sequence_parallel_size", "1", "2"]),
     "over_budget": ("longest_sequence", [*TINY_MODEL, "--precision", "fp32", "--impls", "ours", "--start", "16",
-                                         "--budget_gib", "0.001"]),
+                                         "--budget_gib", "0.001", "--sequence_parallel_size", "1", "2"]),
     "fp16_on_cpu": ("train_step", ["--device", "cpu", "--precisions", "fp16"]),
     "masked_head": ("train_step", [*TINY_MODEL, "--precisions", "fp32", "--seq_len", "64", "--checkpointing", "off",
                                    "--steps", "1", "--warmup", "1", "--warmup_len", "32", "--rounds", "1",
@@ -54,7 +54,7 @@ def cli(tmp_path_factory):
             procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
 
     def result(name: str):
-        returncode = procs[name].wait(timeout=300)
+        returncode = procs[name].wait(timeout=600)
         json_path = folder / f"{name}.json"
         data = json.loads(json_path.read_text()) if json_path.is_file() else None
         return returncode, (folder / f"{name}.out").read_text(), (folder / f"{name}.err").read_text(), data
@@ -134,10 +134,11 @@ def test_train_step_against_transformers_with_the_masked_only_head(cli):
 
 
 def test_search_stops_on_a_worker_failure_that_is_not_memory(monkeypatch):
-    monkeypatch.setattr(longest_sequence, "run_worker", lambda module, spec, threads, timeout: {**spec, "error": "boom"})
+    boom = lambda module, spec, threads, timeout, nproc: {**spec, "error": "boom"}  # noqa: E731
+    monkeypatch.setattr(longest_sequence, "run_worker", boom)
     with pytest.raises(RuntimeError, match="failed \\(boom\\), not for memory"):
         longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 512, 60, report=lambda r: None)
-    oom = lambda module, spec, threads, timeout: {**spec, "error": "out of memory"}  # noqa: E731
+    oom = lambda module, spec, threads, timeout, nproc: {**spec, "error": "out of memory"}  # noqa: E731
     monkeypatch.setattr(longest_sequence, "run_worker", oom)
     assert longest_sequence.search({"threads": 1, "impl": "hf"}, 4096, 65536, 4096, 60, report=lambda r: None)[0] is None
 
@@ -166,24 +167,37 @@ def test_train_step_refuses_fp16_on_cpu(cli):
 
 
 def test_longest_sequence_cli(cli):
+    """ours and hf, and ours at P=2 (--sequence_parallel_size 1 2: 2 CPU ranks): the largest rank's peak
+    and activations, the bytes a rank sends per layer (all-to-alls of q, k, v and the output forward,
+    backward and in checkpointing's recompute: 12 tensors of (N/2 x hidden) fp32, half of each sent;
+    plus the global rows' all-reduces)."""
     returncode, stdout, stderr, result = cli("longest")
     assert returncode == 0, stderr[-3000:]
     assert "longest ours: 64" in stdout and "ratio ours/hf: >= 1.00" in stdout
-    assert result["longest"] == {"ours": 64, "hf": 64} and result["ratio"] == 1.0
-    assert [(t["impl"], t["seq_len"], t["fits"]) for t in result["tries"]] == [("ours", 64, True), ("hf", 64, True)]
+    assert result["longest"] == {"ours": 64, "hf": 64, "ours P=2": 64} and result["ratio"] == 1.0
+    assert [(t["impl"], t["sequence_parallel_size"], t["seq_len"], t["fits"]) for t in result["tries"]] == [
+        ("ours", 1, 64, True), ("hf", 1, 64, True), ("ours", 2, 64, True)]  # (transformers' model: P=1 only)
     assert all(0 < t["peak_mib"] <= 2 * 1024 for t in result["tries"])
+    one, _, two = result["tries"]
+    assert len(two["peak_mib_ranks"]) == 2 and two["peak_mib"] == max(two["peak_mib_ranks"]) > 0
+    assert all(run["act_only_mib"] >= 0 and run["memory_step_s"] > 0 for run in (one, two))
+    all_to_alls = 12 * 0.5 * 32 * 32 * 4 / 2**20
+    assert all_to_alls < two["comm_mib_per_layer"] < 1.2 * all_to_alls and "comm_mib_per_layer" not in one
+    assert "activation_ratio_p2" in result  # (at N=64 the activations are below what RSS resolves: no ratio)
+    assert "ratio ours P=2/P=1 (longest N per rank budget): not measured, both reach --max_len" in stdout
 
 
 def test_longest_sequence_stops_a_worker_over_budget(cli):
+    """At P=2 too: the rank over budget stops its launcher, so its peer does not wait for it."""
     returncode, stdout, stderr, result = cli("over_budget")
     assert returncode == 0, stderr[-3000:]
-    assert "longest ours: none" in stdout
-    (attempt,) = result["tries"]
-    assert attempt["fits"] is False and attempt["stopped"] == "over budget"
+    assert "longest ours: none" in stdout and "longest ours P=2: none" in stdout
+    assert [t["sequence_parallel_size"] for t in result["tries"]] == [1, 2]
+    assert all(t["fits"] is False and t["stopped"] == "over budget" for t in result["tries"])
 
 
 def test_search_doubles_while_it_fits_and_halves_while_it_does_not(monkeypatch):
-    def fake_worker(module, spec, threads, timeout):
+    def fake_worker(module, spec, threads, timeout, nproc):
         return {**spec, "fits": spec["seq_len"] <= limit}
 
     monkeypatch.setattr(longest_sequence, "run_worker", fake_worker)

@@ -6,6 +6,7 @@ run folder (TensorBoard events, metrics.jsonl) and saved Hugging Face folders ar
 latter by loading them in transformers and comparing outputs with ours.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -80,6 +81,16 @@ def run_two_ranks(module: str, args: list[str], timeout: int = 300) -> subproces
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+@contextlib.contextmanager
+def launch_env_restored():
+    """For a module fixture's in-process run: the launch variables it sets are undone afterwards
+    (conftest's restore_distributed_env does that for each test)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in LAUNCH_ENV:
+            patch.setenv(name, os.environ[name]) if name in os.environ else patch.delenv(name, raising=False)
+        yield
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -463,12 +474,21 @@ def pretrain_args(models, wikitext_dir, tmp_path, *extra):
             "--max_steps", 4, "--val_check_interval", 2, *extra]
 
 
-def test_pretrain_one_process(models, wikitext_dir, tmp_path):
-    # Blocks as long as the short model's, and a window spanning them: the converted model is the
-    # short model, so their step-0 BPCs agree exactly.
-    argv = pretrain_args(models, wikitext_dir, tmp_path, "--max_seq_len", SHORT_LEN,
-                         "--attention_window", 2 * SHORT_LEN, "--copy_global_projections")
-    result = pretrain.main(list(map(str, argv)))
+# Blocks as long as the short model's, and a window spanning them: the converted model is the short
+# model, so their step-0 BPCs agree exactly.
+PRETRAIN_CONVERTED = ["--max_seq_len", SHORT_LEN, "--attention_window", 2 * SHORT_LEN, "--copy_global_projections"]
+
+
+@pytest.fixture(scope="module")
+def pretrain_one_process(models, wikitext_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pretrain_one_process")
+    with launch_env_restored():
+        return tmp_path, pretrain.main(list(map(str, pretrain_args(models, wikitext_dir, tmp_path,
+                                                                   *PRETRAIN_CONVERTED))))
+
+
+def test_pretrain_one_process(pretrain_one_process):
+    tmp_path, result = pretrain_one_process
 
     step0 = result["step0"]
     assert step0["bpc"] == pytest.approx(step0["short_model/bpc"], rel=1e-5)
@@ -762,10 +782,17 @@ def check_wikihop_run(run_dir: Path, max_len: int):
     assert_same_outputs(ours, theirs)
 
 
-def test_wikihop_longformer_one_process(models, wikihop_files, tmp_path):
-    wikihop.main(list(map(str, wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long,
-                                            "--max_seq_len", 96))))
-    check_wikihop_run(tmp_path / "WikihopQA", 96)
+@pytest.fixture(scope="module")
+def wikihop_longformer_one_process(models, wikihop_files, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("wikihop_one_process")
+    with launch_env_restored():
+        wikihop.main(list(map(str, wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long,
+                                                "--max_seq_len", 96))))
+    return tmp_path / "WikihopQA"
+
+
+def test_wikihop_longformer_one_process(wikihop_longformer_one_process):
+    check_wikihop_run(wikihop_longformer_one_process, 96)
 
 
 def test_wikihop_refuses_questions_that_fill_the_input_before_training(models, wikihop_files, tmp_path, capsys):
@@ -789,3 +816,62 @@ def test_wikihop_roberta_baseline_two_ranks(models, wikihop_files, tmp_path):
 def test_deepspeed_launchers_local_rank_flag_is_accepted(task):
     """`deepspeed` (without --no_local_rank) appends --local_rank=N; the rank comes from LOCAL_RANK."""
     assert task.build_parser().parse_args(["--local_rank=3"]).local_rank == 3
+
+
+# ---- sequence parallelism: P=2 on 2 ranks (one replica) trains as one process -----------------------
+def same_records(ours: Path, theirs: Path, keys: tuple[str, ...]):
+    mine, reference = metrics(ours), metrics(theirs)
+    assert [r["step"] for r in mine] == [r["step"] for r in reference]
+    for a, b in zip(mine, reference):
+        for key in keys:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+
+
+def sequence_parallel_state(run_dir: Path) -> int:
+    step = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return json.loads((run_dir / "checkpoints" / step / "trainer_state.json").read_text())["sequence_parallel_size"]
+
+
+def test_pretrain_sequence_parallel(models, wikitext_dir, tmp_path, pretrain_one_process):
+    """The MLM loss and BPC of every validation (step 0 included: the long model under sequence
+    parallelism equals the short model without) as one process's; an ordinary folder at the end."""
+    run_two_ranks("ds_longformer.pretrain", pretrain_args(models, wikitext_dir, tmp_path, *PRETRAIN_CONVERTED,
+                                                          "--sequence_parallel_size", 2))
+    run_dir = tmp_path / "Pretraining"
+    step0 = metrics(run_dir)[0]
+    assert step0["bpc"] == pytest.approx(step0["short_model/bpc"], rel=1e-5)
+    same_records(run_dir, pretrain_one_process[0] / "Pretraining", ("loss", "bpc", "short_model/bpc"))
+    assert sequence_parallel_state(run_dir) == 2
+    check_masked_lm_folder(tmp_path / "long_model")
+
+
+def test_wikihop_longformer_sequence_parallel(models, wikihop_files, tmp_path, wikihop_longformer_one_process):
+    """Global attention on the question, [ent] tokens on either shard, scores averaged over chunks."""
+    run_two_ranks("ds_longformer.wikihop", wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path",
+                                                        models.long, "--max_seq_len", 96, "--sequence_parallel_size", 2))
+    run_dir = tmp_path / "WikihopQA"
+    check_wikihop_run(run_dir, 96)
+    same_records(run_dir, wikihop_longformer_one_process, ("loss", "accuracy"))
+    assert sequence_parallel_state(run_dir) == 2
+
+
+def test_classify_longformer_sequence_parallel(models, tmp_path):
+    """<s> read from the rank holding it; the same checks as the data-parallel run."""
+    data = write_hyperpartisan_xml(tmp_path / "hp")
+    argv = classify_args(tmp_path, "--dataset", "Hyperpartisan", "--data_dir", data, "--model", "Longformer",
+                         "--model_path", models.long, "--batch_size", 1, "--sequence_parallel_size", 2)
+    proc = run_two_ranks("ds_longformer.classify", argv)
+    run_dir = tmp_path / "Classification"
+    check_classification_run(run_dir, proc.stdout)
+    assert sequence_parallel_state(run_dir) == 2
+
+
+def test_sequence_parallel_size_that_does_not_divide_the_ranks_is_a_message(models, wikihop_files, tmp_path, capsys):
+    argv = wikihop_args(wikihop_files, tmp_path, "--longformer", "--model_path", models.long, "--max_seq_len", 96,
+                        "--sequence_parallel_size", 2)
+    with pytest.raises(SystemExit) as exit_:
+        cli(wikihop.main, list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "--sequence_parallel_size 2 does not divide the 1 ranks" in err

@@ -274,9 +274,11 @@ def main(argv=None) -> None:
     if ns.measure_draws:
         count = model.train_flops
         model.train_flops = lambda *a, **kw: count(*a, **kw) + 0 * torch.rand(()).item()
+    per_token = args.sequence_parallel_size == 1  # (sequence parallelism: no logits, the loss only)
     trainer = Trainer(model, args, random_mlm_data(ns.n_train, 1), random_mlm_data(ns.n_val, 2),
                       collate_fn=masking_collate if ns.mask_in_collate else None,
-                      compute_metrics=token_accuracy, reduce_metrics=reduce_accuracy)
+                      compute_metrics=token_accuracy if per_token else None,
+                      reduce_metrics=reduce_accuracy if per_token else None)
     if ns.crash_during_save_at > 0:
         save = trainer.engine.save_checkpoint
 
@@ -312,9 +314,10 @@ def main(argv=None) -> None:
              torch.utils.data.default_collate(random_mlm_data(2, 3)).items()}
     trainer.engine.eval()
     with torch.no_grad():
-        logits = trainer.engine(**probe).logits.float().cpu()
+        logits = trainer.engine(**probe).logits
     if trainer.rank == 0:
-        torch.save(logits, ns.dump / "logits.pt")
+        if logits is not None:
+            torch.save(logits.float().cpu(), ns.dump / "logits.pt")
         optimizer = trainer.engine.basic_optimizer  # the torch optimizer under DeepSpeed's wrappers
         summary["optimizer"] = {"class": type(optimizer).__name__, "fused": optimizer.defaults.get("fused")}
         summary["args"] = {k: v for k, v in dataclasses.asdict(trainer.args).items() if k != "given"}

@@ -5,6 +5,8 @@ Two ways to the same result, picked per layer and batch by the self-attention mo
   * `global_rows_attention`: project every token with key_global/value_global, O(N C^2);
   * `AbsorbedGlobalRows`: fold key_global/value_global into the G queries and outputs, O(H G N C),
     cheaper while G < head_dim.
+Under sequence parallelism each rank holds N / P tokens, and `split_softmax_global_rows` computes
+either way over the group (a softmax split over the ranks' keys).
 Separate from the band backends: a band call is a pure function of (q, k, v, layout, window,
 dropout_p), and the global rows are this module's.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .layout import AttentionLayout
 
@@ -118,3 +120,46 @@ class ZeroGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.unused))
+
+
+def split_softmax_global_rows(hidden: Tensor, query_global: nn.Linear, key_global: nn.Linear,
+                              value_global: nn.Linear, layout: AttentionLayout, num_heads: int, dropout_p: float,
+                              absorb: bool) -> Tensor:
+    """The G global rows (B, H, G, D) under sequence parallelism, the same on every rank of the
+    group, from this rank's tokens hidden (B, n, C).
+
+    A softmax split over the ranks' keys: the G global tokens are gathered from the ranks holding
+    them, each rank scores the G queries of every head against its own n keys, and the partial
+    results are combined over the group -- the maximum score (the softmax's shift), then in one
+    all-reduce the sum of the exponentials, the context (their weighted sum of values) and the
+    weights' sum. Communication O(B H G C) per layer, never O(N); work and memory O(H G n C).
+    absorb: key_global/value_global folded into the queries and outputs (AbsorbedGlobalRows' maths),
+    else they project this rank's tokens only. Attention dropout draws from this rank's stream
+    (its keys; sequence_parallel.own_rng). Autograd does the backward (the collectives have theirs).
+    """
+    sp = layout.sequence_parallel
+    B, n, C = hidden.shape
+    H, G = num_heads, layout.num_global
+    D = C // H
+    q_g = query_global(sp.gather_rows(hidden, layout.global_idx)).view(B, G, H, D).transpose(1, 2)  # (B, H, G, D)
+    if absorb:  # score[g, j] = (Wk^T q_g) . x_j: key_global's bias adds one constant per row, which softmax cancels
+        q_in = torch.einsum("bhgd,hdc->bhgc", q_g, key_global.weight.view(H, D, C)) * D ** -0.5
+        scores = torch.einsum("bhgc,bnc->bhgn", q_in, hidden)  # (B, H, G, n)
+    else:
+        k_g = key_global(hidden).view(B, n, H, D).transpose(1, 2)  # (B, H, n, D): this rank's keys only
+        v_g = value_global(hidden).view(B, n, H, D).transpose(1, 2)
+        scores = torch.matmul(q_g, k_g.transpose(-1, -2)) * D ** -0.5
+    scores = scores.float().masked_fill(~layout.local(layout.valid)[:, None, None, :], float("-inf"))
+    shift = sp.max_over(scores.amax(dim=-1))  # (B, H, G), finite: every global query has itself as a key
+    expo = torch.exp(scores - shift[..., None])  # 0 at padding keys
+    weights = expo * torch.empty_like(expo).bernoulli_(1 - dropout_p).div_(1 - dropout_p) if dropout_p else expo
+    context = (torch.einsum("bhgn,bnc->bhgc", weights.to(hidden.dtype), hidden) if absorb else
+               torch.matmul(weights.to(hidden.dtype), v_g))  # (B, H, G, C or D)
+    sums = sp.sum_over(torch.cat([context.float(), weights.sum(-1, keepdim=True), expo.sum(-1, keepdim=True)], -1))
+    sums = (sums[..., :-1] / sums[..., -1:]).to(hidden.dtype)  # normalised by the softmax's denominator
+    context, weights_sum = sums[..., :-1], sums[..., -1:]
+    if not absorb:
+        return context
+    out = torch.einsum("bhgc,hdc->bhgd", context, value_global.weight.view(H, D, C))
+    out = out + weights_sum * value_global.bias.view(1, H, 1, D)
+    return ZeroGradients.apply(out, key_global.bias)  # its true gradient: zero (see above)

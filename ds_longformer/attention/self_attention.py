@@ -3,6 +3,12 @@
     hidden (B, N, C) --query/key/value--> q, k, v (B, N, H, D) --band backend--> out (B, N, H, D)
                      --global projections, G global tokens--> global rows (B, G, H, D) written into out
                      padding rows -> 0;  out -> (B, N, C)
+
+Under sequence parallelism (layout.sequence_parallel, see ds_longformer/sequence_parallel.py) the
+same steps run on this rank's n = N / P tokens: hidden, q, k, v and out are (B, n, ...); the band
+runs through DeepSpeed's all-to-all over all N tokens for H / P heads, the global rows as a softmax
+split over the ranks' keys (global_rows.split_softmax_global_rows), and each rank writes the
+global rows and zeroes the padding rows it holds.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import check_backend
-from .global_rows import AbsorbedGlobalRows, ZeroGradients, global_rows_attention
+from .global_rows import AbsorbedGlobalRows, ZeroGradients, global_rows_attention, split_softmax_global_rows
 from .layout import AttentionLayout
 from .probabilities import global_probabilities, local_probabilities
 
@@ -68,6 +74,9 @@ class LongformerSelfAttention(nn.Module):
         """(B, H, G, D): the G global rows, absorbed while G < head_dim (2 H G N C multiply-adds
         against 2 N C^2 for projecting every token with key_global/value_global)."""
         absorb = layout.num_global < self.head_dim if self.global_path == "auto" else self.global_path == "absorbed"
+        if layout.sequence_parallel is not None:
+            return split_softmax_global_rows(hidden, self.query_global, self.key_global, self.value_global, layout,
+                                             self.num_heads, dropout_p, absorb)
         if absorb:
             kg, vg = self.key_global, self.value_global
             return AbsorbedGlobalRows.apply(hidden, self.query_global.weight, self.query_global.bias, kg.weight,
@@ -77,16 +86,18 @@ class LongformerSelfAttention(nn.Module):
         return global_rows_attention(q_global, k_global, v_global, layout, dropout_p)
 
     def forward(self, hidden: Tensor, layout: AttentionLayout) -> Tensor:
-        """hidden: (B, N, C) -> (B, N, C)."""
+        """hidden: (B, N, C) -> (B, N, C); under sequence parallelism this rank's tokens (B, n, C)."""
         B, N, C = hidden.shape
         dropout_p = self.dropout if self.training else 0.0
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
-        out = self._band(q, k, v, layout, self.window, dropout_p, self.block_size)  # (B, N, H, D)
+        sp = layout.sequence_parallel
+        band = self._band if sp is None else sp.band_over_heads(self._band)
+        out = band(q, k, v, layout, self.window, dropout_p, self.block_size)  # (B, N, H, D)
 
         if layout.num_global:
             out_global = self._global_rows(hidden, layout, dropout_p).transpose(1, 2)  # (B, G, H, D)
-            batch, slot = layout.global_valid.nonzero(as_tuple=True)
-            out = out.index_put((batch, layout.global_idx[batch, slot]), out_global[batch, slot].to(out.dtype))
+            batch, slot, token = layout.local_global_rows()
+            out = out.index_put((batch, token), out_global[batch, slot].to(out.dtype))
         elif torch.is_grad_enabled() and self.query_global.weight.requires_grad:
             # The global projections applied to no token (B, 0, C), tied to the output: a zero
             # gradient for their parameters, through their own module calls.
@@ -94,7 +105,7 @@ class LongformerSelfAttention(nn.Module):
             out = ZeroGradients.apply(out, self.query_global(nothing), self.key_global(nothing), self.value_global(nothing))
 
         if layout.has_padding:  # padding rows output zeros, as transformers'
-            out = out.masked_fill(~layout.valid[:, :, None, None], 0.0)
+            out = out.masked_fill(~layout.local(layout.valid)[:, :, None, None], 0.0)
         return out.reshape(B, N, C)
 
     def attention_probabilities(self, hidden: Tensor, layout: AttentionLayout) -> tuple[Tensor, Tensor | None]:

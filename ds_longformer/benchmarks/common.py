@@ -128,22 +128,42 @@ def matmul_rate(device: str, dtype: torch.dtype, c: int = 768, repeats: int = 5)
     return flops.matmul_rate(device, dtype, c=c, repeats=repeats, clock=lambda fn: timed(fn, device)[0])
 
 
-def run_worker(module: str, spec: dict, threads: int, timeout: float = 900) -> dict:
-    """Run one measurement in a fresh process; returns its JSON result (or an 'error' entry)."""
+def run_worker(module: str, spec: dict, threads: int, timeout: float = 900, nproc: int = 1) -> dict:
+    """Run one measurement in a fresh process (nproc > 1: that many ranks under torch.distributed.run,
+    `threads` each); returns its JSON result (or an 'error' entry)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}  # from the start: the baseline counts no heap slack
-    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [*launcher, "-m", module, "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timeout after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        stderr = done.stderr.lower()  # CUDA's "out of memory", CPU's "can't allocate memory", or killed by the OOM killer
-        oom = "out of memory" in stderr or "can't allocate memory" in stderr or done.returncode == -9
-        return {**spec, "error": "out of memory" if oom else tail[0][:200]}
-    return json.loads(lines[-1])
+    results = _json_objects(done.stdout)
+    if results and (done.returncode == 0 or "stopped" in results[-1]):  # (a rank over budget stops its peers)
+        return results[-1]
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    stderr = done.stderr.lower()  # CUDA's "out of memory", CPU's "can't allocate memory", or killed by the OOM killer
+    oom = ("out of memory" in stderr or "can't allocate memory" in stderr or done.returncode == -9
+           or "exitcode  : -9" in stderr)
+    return {**spec, "error": "out of memory" if oom else tail[0][:200]}
+
+
+def _json_objects(stdout: str) -> list[dict]:
+    """The JSON objects a worker printed, one a line -- or several on one line, where ranks printing
+    at once ran their lines together."""
+    decoder, objects = json.JSONDecoder(), []
+    for line in stdout.splitlines():
+        rest = line
+        while rest.startswith("{"):
+            try:
+                value, end = decoder.raw_decode(rest)
+            except json.JSONDecodeError:
+                break
+            objects.append(value)
+            rest = rest[end:].lstrip()
+    return objects
 
 
 def summarize_rounds(runs: list[dict], group_by: tuple[str, ...], fields: tuple[str, ...], speed: str,

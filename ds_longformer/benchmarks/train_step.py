@@ -31,7 +31,15 @@ idle core), on CUDA synchronized wall time. Memory: peak of the memory step abov
 memory before the model was built (peak RSS on CPU, under the malloc settings of
 common.malloc_for; torch.cuda.max_memory_allocated on CUDA), so it counts weights, gradients,
 optimizer state and activations; "act" is the part above the state kept between steps (weights and
-optimizer state): the activations and the step's gradients.
+optimizer state): the activations and the step's gradients; "activations" (act_only_mib) the peak
+above weights, gradients and optimizer state (the memory held right after the backward).
+
+--sequence_parallel_size P (ours only) runs the worker as P ranks under torch.distributed.run, one
+sequence-parallel group (ds_longformer/sequence_parallel.py): every rank gets the same batch and
+holds N / P of its tokens. Memory is per rank (the largest rank's); "comm MiB/layer" the bytes one
+rank sends on its group per layer in the memory step (forward, backward and checkpointing's
+recompute: the all-to-alls of q, k, v and the output, (P - 1) / P of each tensor, and the global
+rows' all-reduces, 2 (P - 1) / P of each, as ring collectives send).
 TFLOP/s and MFU: the model FLOPs of the step (flops.py: the MLM loss's math, the head on the
 masked positions, counted alike for every model, so their ratios are the speed ratios) per second,
 and that as a share of the device's peak (flops.peak_flops: a known GPU's datasheet figure; on CPU
@@ -147,23 +155,29 @@ def make_batch(spec: dict, seq_len: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build_engine(model: torch.nn.Module, spec: dict, on_cpu: bool):
-    """deepspeed.initialize as the Trainer calls it: its config, parameter groups and schedule."""
+def build_engine(model: torch.nn.Module, spec: dict, on_cpu: bool, parallelism=None):
+    """deepspeed.initialize as the Trainer calls it: its config, parameter groups and schedule (and,
+    with sequence parallelism, its group, config rules and mpu)."""
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
 
-    from ds_longformer.engine import TrainerArgs
-    from ds_longformer.engine.ds_config import build_ds_config
+    from ds_longformer.engine import TrainerArgs, ds_config, parallel
     from ds_longformer.engine.trainer import parameter_groups
 
+    sp_size = spec.get("sequence_parallel_size", 1)
     args = TrainerArgs(deepspeed_config=spec["ds_config"], batch_size=spec["batch"], precision=spec["precision"],
-                       gradient_checkpointing=spec["checkpointing"])
+                       gradient_checkpointing=spec["checkpointing"], sequence_parallel_size=sp_size)
     total_steps = spec["warmup"] + spec["steps"]
-    config = build_ds_config(args, total_steps, on_cpu, hidden_size=spec["hidden"])
+    config, _ = ds_config.resolve(args, parallelism.world_size if parallelism else 1, on_cpu)
+    if parallelism is not None:
+        parallel.attach(model, parallelism)
+        parallel.prepare_ds_config(config, model, sp_size)
+    ds_config.finalize(config, total_steps, spec["hidden"])
     config["optimizer"]["params"]["torch_adam"] = True  # same optimizer everywhere, no JIT build
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, args.weight_decay), config=config,
-        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, 0, total_steps))
+        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, 0, total_steps),
+        mpu=parallelism.mpu if parallelism else None)
     engine.train()  # from_pretrained leaves the model in eval mode (no dropout, no checkpointing)
     return engine
 
@@ -178,7 +192,9 @@ def train_step(engine, batch: dict) -> float:
 def watch_budget(memory: PeakMemory, budget: int, result: dict):
     """CPU: end the worker as soon as its RSS passes the budget (the step does not fit; finishing
     it would only cost time and memory on a shared machine). The final VmHWM check catches what
-    the 10 ms polling misses."""
+    the 10 ms polling misses. A rank of several exits with an error, so that the launcher stops
+    the others (which would wait for it)."""
+    exit_code = 0 if result.get("sequence_parallel_size", 1) == 1 else 3
 
     def poll():
         while True:
@@ -186,28 +202,53 @@ def watch_budget(memory: PeakMemory, budget: int, result: dict):
             if used > budget:
                 print(json.dumps({**result, "fits": False, "peak_mib": used / 2**20, "stopped": "over budget"}),
                       flush=True)
-                os._exit(0)
+                os._exit(exit_code)
             time.sleep(0.01)
 
     threading.Thread(target=poll, daemon=True).start()
 
 
+class GroupTraffic:
+    """Bytes this rank sends on `group` while counting (torch.distributed's all_to_all_single and
+    all_reduce, wrapped): an all-to-all sends (P - 1) / P of its input, a ring all-reduce 2 (P - 1) / P."""
+
+    def __init__(self, group, size: int):
+        self.group, self.bytes, self.counting = group, 0, False
+        # (collective, share of the tensor a rank sends, the tensor's position and keyword)
+        for name, share, position, keyword in (("all_to_all_single", (size - 1) / size, 1, "input"),
+                                               ("all_reduce", 2 * (size - 1) / size, 0, "tensor")):
+            setattr(torch.distributed, name, self._counted(getattr(torch.distributed, name), share, position, keyword))
+
+    def _counted(self, collective, share: float, position: int, keyword: str):
+        def run(*args, **kwargs):
+            if self.counting and kwargs.get("group") is self.group:
+                tensor = kwargs[keyword] if keyword in kwargs else args[position]
+                self.bytes += share * tensor.numel() * tensor.element_size()
+            return collective(*args, **kwargs)
+        return run
+
+
 def worker(spec: dict):
     import transformers
 
-    from ds_longformer.engine import init_distributed
+    from ds_longformer.engine import init_distributed, parallel
 
     transformers.LongformerForMaskedLM  # import the lazy module now, outside the measured memory
     device = spec["device"]
     torch.set_num_threads(spec["threads"])
-    init_distributed()
+    rank, world = init_distributed()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    sp_size = spec.get("sequence_parallel_size", 1)
+    parallelism = parallel.setup(rank, world, sp_size) if sp_size > 1 else None
+    traffic = GroupTraffic(parallelism.group, sp_size) if parallelism else None
     budget = spec.get("budget_gib") and int(spec["budget_gib"] * 2**30)
     if budget and device == "cuda":  # the allocator refuses past the budget, as a smaller GPU would
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
     memory = PeakMemory(device)
     result = dict(spec)
     try:
-        engine = build_engine(build_model(spec), spec, on_cpu=device == "cpu")
+        engine = build_engine(build_model(spec), spec, on_cpu=device == "cpu", parallelism=parallelism)
         n = spec["seq_len"]
         warm = make_batch(spec, min(spec["warmup_len"] or n, n), engine.device)
         batch = make_batch(spec, n, engine.device)
@@ -217,7 +258,19 @@ def worker(spec: dict):
             train_step(engine, warm)
         memory.reset_peak()
         steady = memory.current() - memory.base
-        losses = [train_step(engine, batch)]  # the memory step (see common.malloc_for)
+        started = time.perf_counter()
+        if traffic:
+            traffic.counting = True
+        loss = engine(**batch).loss  # the memory step (see common.malloc_for)
+        engine.backward(loss)
+        if traffic:
+            traffic.counting = False
+        held = memory.current() - memory.base  # weights, gradients, optimizer state
+        engine.step()
+        losses = [loss.item()]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        memory_step_s = time.perf_counter() - started
         peak = memory.peak() - memory.base
         malloc_for("time")
         times = []
@@ -230,7 +283,10 @@ def worker(spec: dict):
         print(json.dumps(result))
         return
     result.update(loss=statistics.median(losses), peak_mib=peak / 2**20, steady_mib=steady / 2**20,
-                  act_mib=(peak - steady) / 2**20)
+                  act_mib=(peak - steady) / 2**20, act_only_mib=max(peak - held, 0) / 2**20,
+                  memory_step_s=memory_step_s)
+    if traffic:
+        result["comm_mib_per_layer"] = traffic.bytes / spec["layers"] / 2**20
     if times:
         from ds_longformer import flops
 
@@ -241,6 +297,17 @@ def worker(spec: dict):
                       tflops=achieved / 1e12, mfu_percent=100 * achieved / device_peak, peak_source=peak_source)
     if budget:
         result["fits"] = peak <= budget
+    if parallelism:  # one result: the largest rank's memory and time
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, result)
+        result = dict(ranks[0], peak_mib_ranks=[r["peak_mib"] for r in ranks])
+        for key in ("peak_mib", "act_mib", "act_only_mib", "memory_step_s", "step_s"):
+            if key in result:
+                result[key] = max(r[key] for r in ranks)
+        if budget:
+            result["fits"] = all(r["fits"] for r in ranks)
+        if rank:
+            return
     print(json.dumps(result))
 
 

@@ -6,6 +6,7 @@
     log.py            who prints what: rank 0 at info, other ranks errors only, DeepSpeed at warning
     preflight.py      the checks a task runs right after parsing, before reading data or a model
     trainer.py        the train loop (Trainer), which calls the components below
+    parallel.py       sequence parallelism: groups, data-parallel ranks, its DeepSpeed config rules
     checkpointing.py  save / prune / resume / roll-back / RNG, Hugging Face export
     evaluation.py     evaluation split over the ranks, best-model tracking
     loader.py         the training DataLoader: resumable mid-epoch, collation seeded per batch

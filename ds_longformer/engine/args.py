@@ -71,6 +71,10 @@ class TrainerArgs:
                                   minimum=1)
     log_level: str = flag("info", "rank 0's level for this program's messages; debug also shows DeepSpeed's",
                           choices=("debug", "info", "warning", "error"))
+    sequence_parallel_size: int = flag(
+        1, "ranks that hold each sequence between them (DeepSpeed Ulysses sequence parallelism: each rank runs "
+           "1/P of the tokens, so 1/P of the activations); the world is data-parallel replicas x P; also the "
+           "DeepSpeed config's sequence_parallel_size", minimum=1)
     peak_tflops: float = flag(0.0, "peak TFLOP/s of one device in the training precision, for train/mfu_percent; 0: "
                                    "a known GPU's datasheet figure, else a matmul rate measured at start", minimum=0)
     # The flags the user typed (from_namespace); None: TrainerArgs built in code (see is_given).

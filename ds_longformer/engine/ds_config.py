@@ -9,9 +9,10 @@ written for the Hugging Face Trainer runs unchanged:
 ==========================================  ====================================================
 key                                          "auto" becomes
 ==========================================  ====================================================
+sequence_parallel_size                      --sequence_parallel_size P (written only when P > 1)
 train_micro_batch_size_per_gpu              --batch_size
 gradient_accumulation_steps                 --gradient_accumulation_steps
-train_batch_size                            micro batch x accumulation x ranks
+train_batch_size                            micro batch x accumulation x ranks / P
 gradient_clipping                           --grad_clip
 optimizer.params.lr, weight_decay           --lr, --weight_decay
 optimizer.params.betas, eps                 [--adam_beta1, --adam_beta2], --adam_epsilon
@@ -58,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel
 from .args import TrainerArgs
 from .errors import UserError
 
@@ -155,9 +157,11 @@ def resolve(args: TrainerArgs, world_size: int, on_cpu: bool, run_dir: Path | No
     """Step one (see the module docstring): the config with the run's values, and the args it implies."""
     filler = _Filler(load_ds_config(args.deepspeed_config, on_cpu), args)
     config = filler.config
+    filler.sync("sequence_parallel_size", "sequence_parallel_size", create=args.sequence_parallel_size > 1)
+    replicas = parallel.data_parallel_size(world_size, filler.args.sequence_parallel_size)
     fixed_micro = filler.sync("train_micro_batch_size_per_gpu", "batch_size")
     fixed_accumulation = filler.sync("gradient_accumulation_steps", "gradient_accumulation_steps")
-    _global_batch(filler, world_size, fixed_micro, fixed_accumulation)
+    _global_batch(filler, replicas, fixed_micro, fixed_accumulation)
     filler.sync("gradient_clipping", "grad_clip")
 
     optimizer = config.setdefault("optimizer", {"type": "AdamW"})

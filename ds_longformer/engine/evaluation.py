@@ -16,6 +16,10 @@ weights in each: a rank with fewer batches repeats one and does not count it). M
 ``forward(batch) -> outputs`` is whatever runs the model: the DeepSpeed engine (Trainer.evaluate) or
 a plain model on a device (pretrain's step-0 report on the short model).
 
+Under sequence parallelism the ranks of a group run the same batches (``shard``: this replica's
+data-parallel rank and their number) and their outputs (losses, logits from gathered rows) are the
+same: one rank per group counts them (``counted``).
+
 ``BestTracker(metric, mode)``: ``update(metrics, step) -> bool`` says whether a validation beats
 every earlier one (best_model/ is then exported; the Trainer does that).
 """
@@ -36,11 +40,14 @@ from .errors import UserError
 
 def evaluate(forward: Callable[[Mapping], Any], dataset: Dataset, batch_size: int, collate_fn: Callable | None = None,
              num_workers: int = 0, compute_metrics: Callable[[Any, Mapping], Mapping[str, float]] | None = None,
-             reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None) -> dict[str, float]:
-    """Metrics over ``dataset`` (see the module docstring). Collective: every rank calls it."""
+             reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+             shard: tuple[int, int] | None = None, counted: bool = True) -> dict[str, float]:
+    """Metrics over ``dataset`` (see the module docstring). Collective: every rank calls it.
+    shard: (index, number) of this rank's share of the data (default: its rank among all ranks)."""
     sums: dict[str, float] = {"samples": 0.0, "loss_sum": 0.0, "loss_samples": 0.0}
     with torch.no_grad():
-        for batch, keep in _shard_batches(dataset, batch_size, collate_fn, num_workers):
+        for batch, keep in _shard_batches(dataset, batch_size, collate_fn, num_workers, shard):
+            keep = keep if counted else 0
             outputs = forward(batch)
             n = samples_in(batch) * keep
             stats = {"samples": n}
@@ -62,9 +69,10 @@ def evaluate(forward: Callable[[Mapping], Any], dataset: Dataset, batch_size: in
     return metrics
 
 
-def _shard_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int) -> Iterator[tuple[dict, int]]:
+def _shard_batches(dataset: Dataset, batch_size: int, collate_fn, num_workers: int,
+                   shard: tuple[int, int] | None = None) -> Iterator[tuple[dict, int]]:
     """(batch, keep) pairs of this rank's shard; keep=0 marks the repeats that even out the ranks."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = shard or (dist.get_rank(), dist.get_world_size())
     shard = list(range(rank, len(dataset), world))
     loader = DataLoader(Subset(dataset, shard or [0]), batch_size, collate_fn=collate_fn, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))

@@ -21,8 +21,9 @@ Batches are dicts from ``collate_fn``; the tensors the model's ``forward`` accep
 (other keys may carry data for metrics), and it returns an object with ``.loss``/``.logits``.
 
 Attributes tasks may read: ``args`` (the values the run uses: a DeepSpeed config's own values
-included), ``rank``, ``world_size``, ``global_step``, ``epoch``, ``run_dir``, ``total_steps``,
-``engine`` (the DeepSpeed engine; ``engine.module`` is the model), ``metrics`` (its MetricsWriter).
+included), ``rank``, ``world_size``, ``parallel`` (sequence parallelism and the data-parallel
+ranks, parallel.py), ``global_step``, ``epoch``, ``run_dir``, ``total_steps``, ``engine`` (the
+DeepSpeed engine; ``engine.module`` is the model), ``metrics`` (its MetricsWriter).
 
 Run folder ``<default_root_dir>/<project_name>/`` (= ``trainer.run_dir``): TensorBoard events (rank
 0: train/loss, lr, grad_norm, loss_scale (fp16), tokens_per_s, samples_per_s, step_time, tflops and
@@ -45,6 +46,9 @@ without ZeRO: before the update; bf16 and ZeRO: DeepSpeed has skipped the update
 scaler giving up at its minimum scale (a step it skips is its own business). No checkpoint is
 written after it (and none from non-finite weights: checkpointing.py). Measuring (FLOP counts, the
 MFU's peak) runs inside ``rng.untouched()``: it never changes what trains.
+
+With ``--sequence_parallel_size P`` the ranks of a group share every batch (parallel.py): data,
+seeds and sample counts follow the data-parallel rank, and the model gets the group.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.utils.data import Dataset
 
-from . import ds_config
+from . import ds_config, parallel
 from .args import TrainerArgs
 from .batches import ModelInputs, batch_size, batch_tokens
 from .checkpointing import Checkpointer
@@ -98,18 +102,22 @@ class Trainer:
         self.run_dir = Path(args.default_root_dir) / args.project_name
         config, args = ds_config.resolve(args, self.world_size, self.on_cpu, self.run_dir)
         self.args = args
-        seed_everything(args.seed + self.rank)  # dropout etc. differ per rank, reproducibly
+        self.parallel = parallel.setup(self.rank, self.world_size, args.sequence_parallel_size)
+        replicas, data_rank = self.parallel.data_world_size, self.parallel.data_rank  # = world, rank without SP
+        seed_everything(args.seed + data_rank)  # dropout etc. differ per replica, reproducibly
 
         self.train_loader = TrainingLoader(train_dataset, args.batch_size, collate_fn, args.num_workers, args.seed,
-                                           self.rank, self.world_size, pin_memory=not self.on_cpu)
+                                           data_rank, replicas, pin_memory=not self.on_cpu)
         self.sampler = self.train_loader.epoch_sampler
-        check_training_set(len(train_dataset), args, self.world_size)
+        check_training_set(len(train_dataset), args, replicas)
         self.steps_per_epoch = len(self.train_loader) // args.gradient_accumulation_steps
         self.total_steps = args.max_steps if args.max_steps > 0 else args.epochs * self.steps_per_epoch
 
         if args.gradient_checkpointing:  # transformers' switch (gradient_checkpointing_enable before 5.x)
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.train()  # from_pretrained gives eval mode, as transformers does
+        parallel.attach(model, self.parallel)
+        parallel.prepare_ds_config(config, model, args.sequence_parallel_size)
         ds_config.finalize(config, self.total_steps, getattr(getattr(model, "config", None), "hidden_size", None))
         self.checkpoints = Checkpointer(self.run_dir, self.rank, self.world_size, args.keep_last_k)
         resume_from = self.checkpoints.find(args.resume)
@@ -127,7 +135,7 @@ class Trainer:
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, args.weight_decay), config=config,
-            lr_scheduler=scheduler)
+            lr_scheduler=scheduler, mpu=self.parallel.mpu)
         self._inputs = ModelInputs(self.engine.module, self.engine.device)
         self._train_flops = getattr(self.engine.module, "train_flops", None)  # None: no tflops/MFU logged
         self._mfu = None  # train/mfu_percent against the device's peak (rank 0, from fit)
@@ -140,6 +148,9 @@ class Trainer:
         state = {}
         if resume_from is not None:
             state = self.checkpoints.load(self.engine, resume_from, args.seed)
+            if (state["world_size"], state.get("sequence_parallel_size", 1)) != (self.world_size,
+                                                                                  args.sequence_parallel_size):
+                seed_everything(args.seed + data_rank + self.global_step)  # new RNG streams, one per replica
             self.epoch, self.epoch_samples = state["epoch"], state["epoch_samples"]
             self.best.value, self.best.step = state["best_value"], state["best_step"]
             self._validated_at = state.get("validated_at", -1)  # a finished run resumed does not validate again
@@ -162,7 +173,7 @@ class Trainer:
         this world size (a step's global batch, and so steps_per_epoch, changes with the ranks)."""
         if self.epoch >= self.args.epochs:
             return self.global_step
-        per_rank_left = self.sampler.num_samples - self.epoch_samples // self.world_size
+        per_rank_left = self.sampler.num_samples - self.epoch_samples // self.parallel.data_world_size
         left_this_epoch = per_rank_left // self.args.batch_size // self.args.gradient_accumulation_steps
         return self.global_step + left_this_epoch + (self.args.epochs - self.epoch - 1) * self.steps_per_epoch
 
@@ -199,19 +210,21 @@ class Trainer:
         """The rest of the current epoch (all of it unless resumed mid-epoch), in whole optimizer
         steps; stops early at total_steps."""
         ga = self.args.gradient_accumulation_steps
-        self.train_loader.start_epoch(self.epoch, skip=self.epoch_samples // self.world_size)
+        self.train_loader.start_epoch(self.epoch, skip=self.epoch_samples // self.parallel.data_world_size)
         micro_batches = len(self.train_loader) // ga * ga
         if micro_batches == 0:
             self.epoch, self.epoch_samples = self.epoch + 1, 0
             return
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, samples, model FLOPs on this rank
+        counted = float(self.parallel.counts_data)  # (sequence parallelism: a group's batch counts once)
         step_start = time.perf_counter()
         for micro, batch in zip(range(micro_batches), self.train_loader):
             boundary = (micro + 1) % ga == 0
             lr = self.engine.get_lr()[0]
+            parallel.check_same_batch(batch, self.parallel)
             outputs = self.engine(**self._inputs(batch))
-            totals += torch.tensor([outputs.loss.item(), batch_tokens(batch), batch_size(batch),
-                                    self._batch_flops(batch)], dtype=torch.float64)
+            totals += torch.tensor([outputs.loss.item(), counted * batch_tokens(batch), counted * batch_size(batch),
+                                    counted * self._batch_flops(batch)], dtype=torch.float64)
             if boundary:  # one all-reduce per step: every rank logs the same values and stops together
                 totals = reduce_across_ranks(totals)
                 loss = totals[0].item() / (ga * self.world_size)
@@ -248,7 +261,7 @@ class Trainer:
         """Log, validate, advance the epoch, save: in this order, so a checkpoint holds the state
         the next step starts from."""
         args, step = self.args, self.global_step
-        self.epoch_samples += args.batch_size * args.gradient_accumulation_steps * self.world_size
+        self.epoch_samples += args.batch_size * args.gradient_accumulation_steps * self.parallel.data_world_size
         self._last_logged = logged = {**logged, **step_extras(self.engine)}
         if step % args.log_every_n_steps == 0 or step == self.total_steps:
             self.metrics.scalars(logged, step)
@@ -291,7 +304,8 @@ class Trainer:
         self.engine.eval()
         try:
             return evaluate(lambda batch: self.engine(**self._inputs(batch)), dataset, self.args.batch_size,
-                            self.collate_fn, self.args.num_workers, self.compute_metrics, self.reduce_metrics)
+                            self.collate_fn, self.args.num_workers, self.compute_metrics, self.reduce_metrics,
+                            (self.parallel.data_rank, self.parallel.data_world_size), self.parallel.counts_data)
         finally:
             self.engine.train()
 
@@ -310,6 +324,7 @@ class Trainer:
         """A checkpoint of this step (checkpointing.py). Collective."""
         state = {"global_step": self.global_step, "epoch": self.epoch, "epoch_samples": self.epoch_samples,
                  "world_size": self.world_size, "zero_stage": self.engine.zero_optimization_stage(),
+                 "sequence_parallel_size": self.args.sequence_parallel_size,
                  "best_value": self.best.value, "best_step": self.best.step, "validated_at": self._validated_at,
                  "records": self.metrics.records}
         return self.checkpoints.save(self.engine, state)
