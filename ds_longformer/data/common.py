@@ -16,6 +16,8 @@ Other helpers
     ``"test"``; any other name -> ``None``.
 ``read_utf8(path) -> str``
     The file's text; bytes that are not UTF-8 -> ``DataFormatError`` naming the byte offset.
+``read_json(path) -> object``
+    The file's JSON value; bad JSON -> ``DataFormatError`` naming the line.
 ``read_jsonl(path) -> list[tuple[int, dict]]``
     ``(line_number, record)`` pairs, blank lines skipped, bad JSON -> ``DataFormatError``.
 ``hash_holdout(examples, fraction, key) -> (kept, held_out)``
@@ -88,6 +90,13 @@ def read_utf8(path: str | Path) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataFormatError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str | Path):
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, f"line {e.lineno}", f"invalid JSON ({e.msg})") from None
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
