@@ -161,7 +161,7 @@ def make_word_tokenizer(dir, words, vocab_size: int = 600) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([" ".join(words)] * 20, trainer)
+    tokenizer.train_from_iterator([" " + " ".join(words)] * 20, trainer)  # each word after a space
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", cls_token="<s>",
                                       sep_token="</s>", pad_token="<pad>", mask_token="<mask>", unk_token="<unk>",

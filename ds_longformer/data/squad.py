@@ -71,19 +71,19 @@ class _Reader:
     def error(self, qid, problem: str) -> DataFormatError:
         return DataFormatError(self.path, f"question id {qid!r}", problem)
 
-    def answers(self, qid: str, context: str, raw, field: str = "answers") -> list[AnswerSpan]:
+    def answers(self, qid: str, context: str, raw) -> list[AnswerSpan]:
         spans = []
         for k, answer in enumerate(raw):
             if not isinstance(answer, dict) or not isinstance(answer.get("text"), str) \
                     or isinstance(answer.get("answer_start"), bool) or not isinstance(answer.get("answer_start"), int):
-                raise self.error(qid, f"{field}[{k}] must be {{'text': str, 'answer_start': int}}, got {answer!r}")
+                raise self.error(qid, f"answers[{k}] must be {{'text': str, 'answer_start': int}}, got {answer!r}")
             text, start = answer["text"], answer["answer_start"]
             if not text.strip():
-                raise self.error(qid, f"{field}[{k}] has an empty text")
+                raise self.error(qid, f"answers[{k}] has an empty text")
             found = context[start : start + len(text)] if 0 <= start <= len(context) else None
             if found != text:
                 there = "is past the end of the context" if found is None else f"holds {found!r}"
-                raise self.error(qid, f"{field}[{k}] {text!r} does not occur at answer_start {start} "
+                raise self.error(qid, f"answers[{k}] {text!r} does not occur at answer_start {start} "
                                       f"(the context {there})")
             spans.append(AnswerSpan(text, start))
         return spans
