@@ -8,6 +8,7 @@ Modules (each docstring documents its file formats and API):
 * ``hyperpartisan``  SemEval-2019 by-article XML + hp-splits.json, or jsonl.
 * ``classification`` tokenization of classification examples (global attention on ``<s>``).
 * ``wikihop``        QAngaroo WikiHop JSON -> chunked Longformer inputs, candidate scoring helpers.
+* ``squad`` / ``triviaqa`` / ``qa_features``  extractive QA files -> windows with span labels -> answers.
 * ``collate``        padding collator shared by the tasks.
 * ``common``         errors (``DataFormatError``, ``DatasetNotFoundError``) and shared helpers.
 """
