@@ -119,22 +119,56 @@ def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
     return model
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ds_longformer.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    from .engine.args import ranged
+    from .tasks_common import ArgumentParser
+
+    p = ArgumentParser(prog="python -m ds_longformer.convert", description=__doc__)
     p.add_argument("--source", required=True,
                    help="local Hugging Face folder of the model to lengthen (a short encoder or a Longformer)")
-    p.add_argument("--output", required=True, help="folder to write the long model to")
-    p.add_argument("--max_pos", type=int, default=4096, help="positions of the long model (default 4096)")
-    p.add_argument("--attention_window", type=int, nargs="+", default=None,
-                   help="total window, one value for all layers or one per layer (default: 512 for a "
-                        "short encoder, the source's own windows for a Longformer)")
-    args = p.parse_args(argv)
+    p.add_argument("--output", required=True, help="folder to write the long model to (created; written whole or "
+                                                   "not at all)")
+    p.add_argument("--max_pos", type=ranged(int, "max_pos", minimum=1), default=4096,
+                   help="positions of the long model")
+    p.add_argument("--attention_window", type=ranged(int, "attention_window", minimum=2, even=True), nargs="+",
+                   default=None, help="total window (even), one value for all layers or one per layer (default: 512 "
+                                      "for a short encoder, the source's own windows for a Longformer)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
+    return p
+
+
+def run(argv=None) -> None:
+    """The program; user errors are UserErrors (tasks_common.cli prints them)."""
+    from .engine.files import replace_folder, staging_folder
+    from .tasks_common import TaskError, check_model_folder, model_loader
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    source, output = Path(args.source), Path(args.output)
+    if not source.is_dir():
+        raise TaskError(f"--source {source}: no such folder (a local Hugging Face folder: config.json + weights)")
+    if output.resolve() == source.resolve():
+        raise TaskError(f"--output {output} is the --source folder: write the long model to another folder")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise TaskError(f"--output {output} already exists and is not empty: pass --overwrite to replace it, or "
+                        "name another folder")
+    check_model_folder(source)
     window = args.attention_window
     if window is not None and len(window) == 1:
         window = window[0]
-    convert(args.source, args.output, args.max_pos, window)
+    # Written beside --output and renamed into place: a failed or killed run leaves no half model.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(output)
+    model_loader(convert)(source, staging, args.max_pos, window)
+    if output.exists() and not output.is_dir():
+        output.unlink()
+    replace_folder(staging, output)
+
+
+def main(argv=None):
+    from .tasks_common import cli
+
+    cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pickle
-import struct
 import sys
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +42,7 @@ from .engine import TrainerArgs, UserError, add_trainer_args, preflight, rank_ze
 from .engine.args import ranged
 from .engine.distributed import LaunchError, find_launch
 from .engine.files import writable_folder
-from .weights import read_config_json
+from .weights import check_folder, read_config_json
 
 BASELINE_MAX_LEN = 512  # the RoBERTa baseline reads at most this many tokens (the paper's setting)
 SHORT_MODEL = "distilbert/distilroberta-base"  # the seed scripts' short model and tokenizer
@@ -143,46 +140,8 @@ def model_loader(load):
 
 
 def check_model_folder(path: Path) -> None:
-    """A local model folder's config.json and weight files, checked whole before loading (TaskError
-    naming the file): a download or copy cut short fails here, not deep inside a loader."""
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            if not isinstance(json.loads(config.read_text()), dict):
-                raise TaskError(f"{config}: expected a JSON object")
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise TaskError(f"{config} is not valid JSON ({err}): the model folder is damaged (copied or "
-                            "downloaded only in part?)") from None
-    for weights in sorted(path.glob("*.safetensors")):
-        problem = _safetensors_problem(weights)
-        if problem:
-            raise TaskError(f"{weights} {problem}: the model folder is damaged (copied or downloaded only in part?)")
-    for weights in sorted(path.glob("*.bin")):
-        with weights.open("rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
-        if zipped and not zipfile.is_zipfile(weights):
-            raise TaskError(f"{weights} is truncated (a zip archive without its directory): the model folder is "
-                            "damaged")
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """Why a .safetensors file is not whole (its header's tensors end past the file), or None."""
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        if size < 8:
-            return f"is {size} bytes long, shorter than a safetensors header"
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > size:
-            return "is truncated (its header runs past the end of the file)"
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "has an unreadable header"
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
-    if 8 + header_len + max(ends, default=0) > size:
-        return f"is truncated ({size} bytes; its tensors need {8 + header_len + max(ends)})"
-    return None
+    """weights.check_folder as a TaskError: a damaged config.json or weights file named before loading."""
+    model_loader(check_folder)(path)
 
 
 def _model_type(path: Path) -> str | None:

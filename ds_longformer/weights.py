@@ -12,7 +12,12 @@ Longformer folders are read and written by transformers' own `from_pretrained`/`
 * `check_fit`: the rules every load follows (transformers' loads too, from their loading info):
   shapes must fit, the encoder (embeddings and layers) must be complete and no larger than the
   config; missing head weights are new heads.
+* `check_folder`: a folder's config.json and weight files checked whole before anything is loaded
+  (a copy or download cut short is named, not met deep inside safetensors or torch.load).
 * `atomic_folder`: save into a temporary folder beside the target, then rename the files in.
+
+Every problem of a file is a FileNotFoundError or ValueError naming the file (the task programs
+turn them into one-line messages: tasks_common.model_loader).
 
 No tokenizer, data or model code here (model.py imports this module, not the other way round).
 """
@@ -23,11 +28,15 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
@@ -42,7 +51,14 @@ def read_config_json(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a Hugging Face save_pretrained folder (config.json + "
                                 "model.safetensors)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the model folder is damaged (copied or downloaded "
+                         "only in part?)") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def folder_model_type(name_or_path: str | Path) -> str | None:
@@ -59,28 +75,80 @@ def folder_model_type(name_or_path: str | Path) -> str | None:
     return None
 
 
+def read_weights_file(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors or torch.save file, on the CPU; a damaged file -> ValueError
+    naming it."""
+    problem = weights_file_problem(file)
+    if problem:
+        raise ValueError(f"{file} {problem}: the file is damaged (copied or downloaded only in part?)")
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    # (the weights-only unpickler meets a file that is not weights with any of these)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, IndexError, KeyError) as err:
+        raise ValueError(f"{file} cannot be read as weights ({type(err).__name__}: {err})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a save_pretrained folder or of a state-dict file, on the CPU."""
     path = Path(path)
     if path.is_file():
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_weights_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist")
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_weights_file(path / name)
     index = path / "model.safetensors.index.json"
     if index.is_file():  # the shards the index names (not stray ones from an earlier save)
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a shard index ({type(err).__name__}: {err})") from None
+        return {k: v for shard in shards for k, v in read_weights_file(path / shard).items()}
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json (shards) or "
                             "pytorch_model.bin")
 
 
 # ---- checking and loading ---------------------------------------------------------------------
+def check_folder(path: str | Path) -> None:
+    """A model folder's config.json (readable JSON) and every weights file in it (whole), checked
+    before anything is loaded; a problem -> ValueError naming the file."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        read_config_json(path)
+    for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
+        problem = weights_file_problem(file)
+        if problem:
+            raise ValueError(f"{file} {problem}: the model folder is damaged (copied or downloaded only in part?)")
+
+
+def weights_file_problem(file: Path) -> str | None:
+    """Why a weights file is not whole, or None: a safetensors header whose tensors end past the
+    file, a torch.save zip archive without its directory (the end of the file)."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        if file.suffix != ".safetensors":
+            zipped = f.read(4) == b"PK\x03\x04"
+            return "is truncated (a zip archive without its directory)" if zipped and not zipfile.is_zipfile(file) \
+                else None
+        if size < 8:
+            return f"is {size} bytes long, shorter than a safetensors header"
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            return "is truncated (its header runs past the end of the file)"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "has an unreadable header"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if 8 + header_len + max(ends, default=0) > size:
+        return f"is truncated ({size} bytes; its tensors need {8 + header_len + max(ends)})"
+    return None
+
+
 def _encoder_keys(keys) -> list[str]:
     return sorted(k for k in keys if k.removeprefix("longformer.").startswith(ENCODER_PARTS))
 

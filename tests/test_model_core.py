@@ -575,6 +575,92 @@ def test_convert_cli_on_packaged_minilm_writes_tokenizer(tmp_path):
     assert (config["bos_token_id"], config["sep_token_id"]) == (tok.cls_token_id, tok.sep_token_id)
 
 
+CONVERT_ERRORS = {  # case: (flags beyond --source/--output, what the one message says)
+    "odd window": (["--attention_window", "7"], "--attention_window must be even, got 7"),
+    "zero window": (["--attention_window", "0"], "--attention_window must be at least 2, got 0"),
+    "one odd window of several": (["--attention_window", "8", "9"], "--attention_window must be even, got 9"),
+    "windows for other layers": (["--attention_window", "8", "8", "8"], "one window or one per layer"),
+    "max_pos below the source's": (["--max_pos", "16"], "--max_pos 16 is shorter than the source model's 32"),
+    "missing source": ([], "no such folder"),
+    "corrupt config": ([], "config.json is not valid JSON"),
+    "truncated weights": ([], "model.safetensors is truncated"),
+    "existing output": ([], "already exists and is not empty: pass --overwrite"),
+    "output is the source": ([], "is the --source folder"),
+}
+
+
+@pytest.mark.parametrize("case", CONVERT_ERRORS)
+def test_convert_errors_are_one_message_and_leave_no_output(tmp_path, capsys, case):
+    """Each used to end in a traceback (JSONDecodeError, safetensors' error, ValueError), or was
+    accepted silently (a window of 0 became 512; an existing output folder was overwritten)."""
+    from ds_longformer.convert import main
+
+    _, src = tiny_roberta(tmp_path)
+    out = tmp_path / "long"
+    flags, expected = CONVERT_ERRORS[case]
+    if case == "missing source":
+        src = tmp_path / "nothing"
+    elif case == "corrupt config":
+        (src / "config.json").write_text((src / "config.json").read_text()[:40])
+    elif case == "truncated weights":
+        weights = src / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif case == "existing output":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "output is the source":
+        out = src
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        main(["--source", str(src), "--output", str(out), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and expected in err, err
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no staging folder left
+    if case == "existing output":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_convert_overwrite_replaces_the_output_whole(tmp_path):
+    from ds_longformer.convert import main
+
+    _, src = tiny_roberta(tmp_path)
+    out = tmp_path / "long"
+    out.mkdir()
+    (out / "notes.txt").write_text("an earlier run's")
+    main(["--source", str(src), "--output", str(out), "--max_pos", "64", "--attention_window", "8", "--overwrite"])
+    assert not (out / "notes.txt").exists()
+    assert LongformerModel.from_pretrained(out).config.max_position_embeddings == 66
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long", "roberta"]
+
+
+@pytest.mark.parametrize("damage", ["truncated .bin", "not weights", "bad shard index", "config a list"])
+def test_damaged_weight_files_are_named(tmp_path, damage):
+    """weights.read_state_dict / read_config_json name the file (they raised torch's, pickle's or
+    json's errors, which name none)."""
+    from ds_longformer.weights import read_config_json, read_state_dict
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    if damage == "truncated .bin":
+        torch.save({"w": torch.zeros(100)}, folder / "pytorch_model.bin")
+        data = (folder / "pytorch_model.bin").read_bytes()
+        (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+        culprit, read = folder / "pytorch_model.bin", read_state_dict
+    elif damage == "not weights":
+        (folder / "weights.pt").write_text("a text file")
+        culprit, read = folder / "weights.pt", lambda _: read_state_dict(folder / "weights.pt")
+    elif damage == "bad shard index":
+        (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+        culprit, read = folder / "model.safetensors.index.json", read_state_dict
+    else:
+        (folder / "config.json").write_text("[1, 2]")
+        culprit, read = folder / "config.json", read_config_json
+    with pytest.raises(ValueError, match=str(culprit)):
+        read(folder)
+
+
 # ---- errors ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("window", [7, 0, -2])
 def test_bad_window_is_refused(window):

@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
 from ds_longformer import LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForSequenceClassification
 from ds_longformer import classify, pretrain, quickstart, wikihop
+from ds_longformer import convert as convert_program
 from ds_longformer.convert import convert
 from ds_longformer.engine import TrainerArgs
 from ds_longformer.data.wikihop import WIKIHOP_TOKENS, WikiHopFeatures, collate_wikihop
@@ -325,7 +326,8 @@ def test_task_flags_are_checked_by_the_parser(task, flags, expected, capsys):
     assert exit_.value.code == 1 and expected in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("program", [pretrain, classify, wikihop, quickstart], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("program", [pretrain, classify, wikihop, quickstart, convert_program],
+                         ids=lambda m: m.__name__)
 def test_every_numeric_flag_has_a_checked_range(program):
     """A bare int/float flag accepts 0, -1 or nan: each numeric flag reads through engine.args.ranged."""
     bare = [a.dest for a in program.build_parser()._actions if a.type in (int, float) and a.dest != "local_rank"]
