@@ -55,13 +55,17 @@ def save_tiny_roberta(folder, tokenizer_dir, max_tokens=SHORT_LEN, layers=2, see
     return Path(folder)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
+def tiny_models(root: Path) -> SimpleNamespace:
+    """short: a tiny random RoBERTa (SHORT_LEN positions); long: its Longformer conversion (256, window 32)."""
     short = save_tiny_roberta(root / "short", make_tiny_roberta_tokenizer(root))
     long = root / "long"
     convert(short, long, max_pos=256, attention_window=32)
     return SimpleNamespace(short=short, long=long)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(autouse=True)
