@@ -42,15 +42,16 @@ SHORT_LEN = 64  # tokens the tiny "RoBERTa" reads
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def save_tiny_roberta(folder, tokenizer_dir, max_tokens=SHORT_LEN, layers=2, seed=0) -> Path:
-    """A random RobertaForMaskedLM saved by transformers, with the tokenizer: the short model."""
+def save_tiny_roberta(folder, tokenizer_dir, max_tokens=SHORT_LEN, layers=2, seed=0, **config) -> Path:
+    """A random RobertaForMaskedLM saved by transformers, with the tokenizer: the short model
+    (``config``: other RobertaConfig fields, e.g. initializer_range)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=max_tokens + 2, type_vocab_size=1,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2)
-    RobertaForMaskedLM(config).save_pretrained(folder)
+    roberta = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=max_tokens + 2, type_vocab_size=1,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2, **config)
+    RobertaForMaskedLM(roberta).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
 
