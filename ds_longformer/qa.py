@@ -269,8 +269,10 @@ def main(argv=None) -> dict:
     test = {}
     if "test" in splits:
         with scorer.evaluating("test"):
-            test = {f"test/{k}": v for k, v in trainer.evaluate(splits["test"].windows).items()}
-        trainer.log_record(test)
+            metrics = trainer.evaluate(splits["test"].windows)
+        if splits["test"].scorable:  # (a test file without answers: only its predictions)
+            test = {f"test/{k}": v for k, v in metrics.items()}
+            trainer.log_record(test)
     if trainer.rank == 0:
         for split, name in (("dev", "predictions.json"), ("test", "test_predictions.json")):
             if split in scorer.predictions:

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from qa_fixtures import SQUAD_V1, SQUAD_V2, TRIVIAQA_EVIDENCE, TRIVIAQA_RECORDS, write_squad_json, write_triviaqa
+from qa_fixtures import (
+    SQUAD_V1,
+    SQUAD_V2,
+    TRIVIAQA_RECORDS,
+    write_squad_json,
+    write_squad_parquet,
+    write_triviaqa,
+)
 from test_tasks import metrics, run_two_ranks, tensorboard_tags, tiny_models
 from transformers import AutoTokenizer
 
@@ -38,9 +45,12 @@ def squad_folder(root: Path, document: dict, version: str = "v1.1") -> Path:
     return folder
 
 
-def triviaqa_folder(root: Path) -> Path:
+def triviaqa_folder(root: Path, test: bool = False) -> Path:
     for split in ("train", "dev"):
         write_triviaqa(root, split=split)
+    if test:  # as published: the records without their Answer
+        records = [{k: v for k, v in record.items() if k != "Answer"} for record in TRIVIAQA_RECORDS]
+        write_triviaqa(root, split="test-without-answers", records=records)
     return root / "triviaqa-rc"
 
 
@@ -106,7 +116,7 @@ def test_squad_v2_roberta_baseline_answers_unanswerable_questions(tmp_path, mode
 
 
 def test_triviaqa_layout_end_to_end(tmp_path, models):
-    data = triviaqa_folder(tmp_path)
+    data = triviaqa_folder(tmp_path, test=True)
     # (the Webber question is 51 tokens of the tiny tokenizer: windows of 96 tokens)
     result, run_dir = run_qa(tmp_path, data, models.long, "--model", "Longformer", "--max_seq_len", "96")
     predictions = json.loads((run_dir / "predictions.json").read_text())
@@ -117,7 +127,42 @@ def test_triviaqa_layout_end_to_end(tmp_path, models):
     last = [r for r in metrics(run_dir) if "f1" in r][-1]
     assert last["f1"] == pytest.approx(evaluate_triviaqa(gold_answers(examples), predictions)["f1"])
     assert predictions == final_model_answers(Path(result["final_model"]), examples, max_seq_len=96)
-    assert result["test_metrics"] == {}  # no test file
+    assert result["test_metrics"] == {} and not [r for r in metrics(run_dir) if "test/loss" in r]  # no answers
+    test_answers = json.loads((run_dir / "test_predictions.json").read_text())
+    assert test_answers == final_model_answers(Path(result["final_model"]), load_triviaqa(
+        data / "qa" / "wikipedia-test-without-answers.json"), max_seq_len=96)
+
+
+def test_squad_parquet_layout_end_to_end(tmp_path, models):
+    data = tmp_path / "squad_parquet"
+    for split in ("train", "validation"):
+        write_squad_parquet(data, SQUAD_V1, split=split)
+    result, run_dir = run_qa(tmp_path, data, models.long, "--model", "Longformer", "--dataset", "squad")
+    predictions = json.loads((run_dir / "predictions.json").read_text())
+    assert set(predictions) == {qa["id"] for article in SQUAD_V1["data"] for paragraph in article["paragraphs"]
+                                for qa in paragraph["qas"]}
+    assert result["test_metrics"] == {} and not (run_dir / "test_predictions.json").exists()
+
+
+@pytest.mark.parametrize("names", [("train.json", "dev.json", "test.json"), ("train-v1.1.json", "validation.json")])
+def test_squad_json_files_are_found_by_split_name(tmp_path, names):
+    for name in names:
+        write_squad_json(tmp_path, SQUAD_V1, name)
+    splits = qa.load_splits("squad", tmp_path, "wikipedia")
+    assert {split: source.name for split, (_, source) in splits.items()} == dict(zip(("train", "dev", "test"), names))
+    write_squad_json(tmp_path, SQUAD_V1, "dev-v1.1.json")  # a second dev file
+    with pytest.raises(qa.TaskError, match="several validation files"):
+        qa.load_splits("squad", tmp_path, "wikipedia")
+
+
+def test_triviaqa_web_domain_answers_per_document(tmp_path):
+    for split in ("train", "dev"):
+        write_triviaqa(tmp_path, domain="web", split=split)
+    splits = qa.load_splits("triviaqa", tmp_path / "triviaqa-rc", "web")
+    assert set(splits) == {"train", "dev"}
+    examples, source = splits["dev"]
+    assert source.name == "web-dev.json"
+    assert {ex.question_id for ex in examples} >= {"tc_33--35/35_995.txt", "tc_33--Andrew_Lloyd_Webber.txt"}
 
 
 def test_two_ranks_pick_the_best_span_over_both_ranks_windows(tmp_path, models):
@@ -186,6 +231,3 @@ def test_help_lists_the_task_flags(capsys):
     assert "predictions.json" in text and "qa/<domain>-train.json" in text
 
 
-def test_evidence_fixture_is_what_the_triviaqa_test_reads():
-    assert {r["QuestionId"] for r in TRIVIAQA_RECORDS} == {"tc_33", "qb_101"}
-    assert "wikipedia/Nile.txt" in TRIVIAQA_EVIDENCE

@@ -1,4 +1,4 @@
-"""The task programs end to end: pretrain, classify, wikihop.
+"""The task programs end to end: pretrain, classify, wikihop (qa: test_task_qa.py).
 
 Tiny random RoBERTa models (saved with transformers) and tiny dataset files in their published
 formats; each task runs a few steps in this process and at 2 CPU ranks under torchrun, and its
@@ -31,7 +31,7 @@ from data_fixtures import (
 from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
 from ds_longformer import LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForSequenceClassification
-from ds_longformer import classify, pretrain, quickstart, wikihop
+from ds_longformer import classify, pretrain, qa, quickstart, wikihop
 from ds_longformer.convert import convert
 from ds_longformer.engine import TrainerArgs
 from ds_longformer.data.wikihop import WIKIHOP_TOKENS, WikiHopFeatures, collate_wikihop
@@ -193,7 +193,7 @@ OUR_NAMES = ["--lr", "1e-3", "--batch_size", "2", "--default_root_dir", "out", "
              "--resume", "latest", "--deepspeed_config", "zero2", "--epochs", "2"]
 
 
-@pytest.mark.parametrize("task", [pretrain, classify, wikihop], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop, qa], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_hugging_face_flag_names_are_accepted(task):
     parser = task.build_parser()
     theirs, ours = (TrainerArgs.from_namespace(parser.parse_args(argv)) for argv in (HF_NAMES, OUR_NAMES))
@@ -817,7 +817,7 @@ def test_wikihop_roberta_baseline_two_ranks(models, wikihop_files, tmp_path):
     check_wikihop_run(run_dir, SHORT_LEN)
 
 
-@pytest.mark.parametrize("task", [pretrain, classify, wikihop])
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop, qa])
 def test_deepspeed_launchers_local_rank_flag_is_accepted(task):
     """`deepspeed` (without --no_local_rank) appends --local_rank=N; the rank comes from LOCAL_RANK."""
     assert task.build_parser().parse_args(["--local_rank=3"]).local_rank == 3
