@@ -1,4 +1,4 @@
-"""Command-line glue shared by the task programs (pretrain, classify, wikihop).
+"""Command-line glue shared by the task programs (pretrain, classify, wikihop, qa).
 
 * ``task_parser(task, description, **defaults)``: the trainer's flags plus the flags every task has
   (``--model_path``, ``--tokenizer_name``, ``--max_seq_len``, ``--cache_dir``), with the task's defaults.
