@@ -37,12 +37,11 @@ from .data.imdb import load_imdb
 from .engine import Trainer, check_training_set, seed_everything, setup_logging
 from .engine.distributed import find_launch
 from .tasks_common import (
-    SHORT_MODEL,
-    TaskError,
     accuracy_stats,
+    add_model_choice,
+    chosen_model_path,
     cli,
-    load_baseline,
-    load_longformer,
+    load_chosen_model,
     load_tokenizer,
     reduce_accuracy,
     task_parser,
@@ -62,9 +61,7 @@ def build_parser():
                          best_metric="accuracy", best_mode="max")
     g = parser.add_argument_group("classification")
     g.add_argument("--dataset", choices=sorted(DATASETS), default="Hyperpartisan")
-    g.add_argument("--model", choices=("Roberta", "Longformer"), default="Roberta",
-                   help=f"Roberta: the short baseline (--model_path default {SHORT_MODEL}); "
-                        "Longformer: needs --model_path")
+    add_model_choice(g, "inputs truncated to 512 tokens")
     g.add_argument("--data_dir", default=None, help="dataset folder; None: ./data/<dataset in lower case>")
     return parser
 
@@ -114,20 +111,16 @@ def main(argv=None) -> dict:
     """Train and test; returns the trainer's summary plus ``test_metrics``."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.model == "Longformer" and not args.model_path:
-        raise TaskError("--model Longformer needs --model_path: the folder of a Longformer (e.g. the "
-                        "--save_model_to folder of ds_longformer.pretrain)")
+    model_path = chosen_model_path(args)
     trainer_args = task_preflight(args, METRICS)
-    model_path = args.model_path or SHORT_MODEL
     load_examples, id2label = DATASETS[args.dataset]
     examples = load_examples(data_dir(args))  # fails fast if missing
     check_training_set(len(examples["train"]), trainer_args,  # (data-parallel ranks: a group shares its batch)
                        max(1, find_launch().world_size // trainer_args.sequence_parallel_size))
 
     seed_everything(args.seed)  # the new classification head
-    load_model = load_longformer if args.model == "Longformer" else load_baseline
-    model, max_len = load_model(LongformerForSequenceClassification, model_path, args.max_seq_len,
-                                num_labels=len(id2label), id2label=id2label)
+    model, max_len = load_chosen_model(args, LongformerForSequenceClassification, model_path,
+                                       num_labels=len(id2label), id2label=id2label)
     tokenizer = load_tokenizer(args.tokenizer_name or model_path)
     encoded = {split: encode_split(args, split, examples[split], tokenizer, max_len)
                for split in ("train", "dev", "test")}

@@ -18,7 +18,6 @@ with relative or rotary positions, DistilBERT/ALBERT/DeBERTa layouts (other para
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path

@@ -1,12 +1,25 @@
-"""The MLM loss without the logits: cross-entropy of a linear layer's outputs, in chunks of rows.
+"""The heads' losses that are more than one call of torch.nn.functional.
 
-`linear_cross_entropy(x, weight, bias, targets)` == `F.cross_entropy(F.linear(x, weight, bias).float(),
-targets)` in value and gradients (tested), without ever holding the (M, V) logits.
+* `linear_cross_entropy(x, weight, bias, targets)` == `F.cross_entropy(F.linear(x, weight, bias).float(),
+  targets)` in value and gradients (tested), without ever holding the (M, V) logits: the MLM loss.
+* `span_loss(start_logits, end_logits, start_positions, end_positions)`: the extractive-QA loss.
+  Positions (B,) (or (B, 1)) are transformers' rule exactly: `(CE(start) + CE(end)) / 2`, a
+  position outside the input is clamped to the input length and ignored. Positions (B, K), padded
+  with -100, list several gold spans per row (TriviaQA's distant supervision: every occurrence of
+  the answer); the loss is then the marginal negative log-likelihood of all of them (Clark and
+  Gardner 2018, the loss the Longformer paper trained TriviaQA with: the model must put its mass on
+  *some* occurrence, not on each one):
+
+      loss = ( -log sum_k softmax(start)[s_k] - log sum_k softmax(end)[e_k] ) / 2,
+
+  averaged over the rows that have a target; -100 and positions outside the input are no target,
+  a duplicate counts once. With one target per row it equals the cross-entropy (tested).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CE_CHUNK_ELEMENTS = 2**25  # logits per chunk of LinearCrossEntropy: 128 MiB in fp32
@@ -85,3 +98,31 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor, targets: Tenso
                          chunk_elements: int = CE_CHUNK_ELEMENTS) -> Tensor:
     """mean_i cross_entropy(x_i W^T + b, t_i): x (M, C), weight (V, C), bias (V,), targets (M,) in [0, V)."""
     return LinearCrossEntropy.apply(x, weight, bias, targets, chunk_elements)
+
+
+IGNORE_INDEX = -100  # padding of (B, K) start/end positions: no target
+
+
+def _marginal_nll(logits: Tensor, positions: Tensor) -> Tensor:
+    """-log of the softmax mass on the target positions (B, K), per row (B,); rows without a target: nan."""
+    rows, length = logits.shape
+    positions = positions.to(logits.device)
+    valid = (positions >= 0) & (positions < length)
+    # A scatter into one extra column keeps the padding out (a duplicate target counts once).
+    is_target = torch.zeros((rows, length + 1), dtype=torch.bool, device=logits.device)
+    is_target.scatter_(1, positions.masked_fill(~valid, length), True)
+    target_mass = torch.logsumexp(logits.masked_fill(~is_target[:, :length], float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - target_mass).masked_fill(~valid.any(dim=1), float("nan"))
+
+
+def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor) -> Tensor:
+    """The QA loss of start/end logits (B, N) (computed in fp32); positions (B,), (B, 1) or (B, K): see above."""
+    start_logits, end_logits = start_logits.float(), end_logits.float()
+    if start_positions.dim() > 1 and start_positions.shape[-1] == 1:  # (B, 1): transformers squeezes it
+        start_positions, end_positions = start_positions.squeeze(-1), end_positions.squeeze(-1)
+    if start_positions.dim() == 1:  # transformers' rule: outside the input -> clamped to N and ignored
+        ignored = start_logits.shape[1]
+        return (F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
+                + F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)) / 2
+    return (_marginal_nll(start_logits, start_positions).nanmean()
+            + _marginal_nll(end_logits, end_positions).nanmean()) / 2

@@ -48,7 +48,7 @@ from transformers.utils import ModelOutput
 from . import flops, short_encoders, weights
 from .attention import AttentionLayout, LongformerSelfAttention, check_backend
 from .config import LongformerConfig
-from .losses import CE_CHUNK_ELEMENTS, linear_cross_entropy
+from .losses import CE_CHUNK_ELEMENTS, linear_cross_entropy, span_loss
 from .sequence_parallel import SequenceParallel
 
 
@@ -627,9 +627,11 @@ class LongformerForSequenceClassification(LongformerPreTrainedModel):
 
 # ---- question answering, token classification, multiple choice -----------------------------------
 class LongformerForQuestionAnswering(LongformerPreTrainedModel):
-    """Start and end logits of the answer span (B, N) each; loss: the mean of their cross-entropies
-    (positions outside the input are ignored). Without global_attention_mask the question (every
-    token before the first sep token) gets global attention, as transformers'."""
+    """Start and end logits of the answer span (B, N) each. Loss (losses.span_loss): positions (B,)
+    as transformers' (the mean of the two cross-entropies, positions outside the input ignored);
+    positions (B, K) padded with -100 give several gold spans per row (the marginal likelihood of
+    them all). Without global_attention_mask the question (every token before the first sep
+    token) gets global attention, as transformers'."""
 
     def __init__(self, config: LongformerConfig):
         if config.num_labels != 2:
@@ -659,11 +661,7 @@ class LongformerForQuestionAnswering(LongformerPreTrainedModel):
         start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            ignored = start_logits.shape[1]  # a position outside the input is clamped here and not scored
-            start_positions = start_positions.view(-1).clamp(0, ignored)
-            end_positions = end_positions.view(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start_logits.float(), start_positions, ignore_index=ignored)
-                    + F.cross_entropy(end_logits.float(), end_positions, ignore_index=ignored)) / 2
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         return self._outputs(LongformerQuestionAnsweringModelOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, **self._extras(encoded)), return_dict)
 

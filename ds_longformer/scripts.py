@@ -2,14 +2,14 @@
 
 `ds-longformer-<program> ARGS` runs exactly what `python -m ds_longformer.<program> ARGS` runs (the
 module as __main__, so its own entry point, e.g. `cli(main)`, decides how errors end): pretrain,
-classify, wikihop, quickstart, convert.
+classify, wikihop, qa, quickstart, convert.
 """
 
 from __future__ import annotations
 
 import runpy
 
-PROGRAMS = ("pretrain", "classify", "wikihop", "quickstart", "convert")
+PROGRAMS = ("pretrain", "classify", "wikihop", "qa", "quickstart", "convert")
 
 
 def _run(program: str) -> None:
@@ -26,6 +26,10 @@ def classify() -> None:
 
 def wikihop() -> None:
     _run("wikihop")
+
+
+def qa() -> None:
+    _run("qa")
 
 
 def quickstart() -> None:

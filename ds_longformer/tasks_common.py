@@ -1,4 +1,4 @@
-"""Command-line glue shared by the task programs (pretrain, classify, wikihop).
+"""Command-line glue shared by the task programs (pretrain, classify, wikihop, qa).
 
 * ``task_parser(task, description, **defaults)``: the trainer's flags plus the flags every task has
   (``--model_path``, ``--tokenizer_name``, ``--max_seq_len``, ``--cache_dir``), with the task's defaults.
@@ -6,6 +6,8 @@
   parsing (engine.preflight, and the task's output folders writable).
 * ``resolve_model_path`` / ``load_tokenizer``: a local Hugging Face folder, or a hub name
   (downloaded only where a network exists; nothing is fetched for a local folder).
+* ``add_model_choice`` / ``chosen_model_path`` / ``load_chosen_model``: ``--model Roberta|Longformer``,
+  the folder it reads (a Longformer needs --model_path) and the model it loads.
 * ``load_longformer(cls, path, max_seq_len)``: a Longformer folder and the input length to use.
   ``load_baseline(cls, path)``: the RoBERTa baseline -- the short model through our classes with
   its own position table and a window spanning all of it (full attention, i.e. exactly RoBERTa),
@@ -146,6 +148,27 @@ def check_model_folder(path: Path) -> None:
 
 def _model_type(path: Path) -> str | None:
     return read_config_json(path).get("model_type")
+
+
+def add_model_choice(group, task: str) -> None:
+    """--model Roberta|Longformer: the paper's two readers of a task."""
+    group.add_argument("--model", choices=("Roberta", "Longformer"), default="Roberta",
+                       help=f"Roberta: the short baseline (--model_path default {SHORT_MODEL}), {task}; "
+                            "Longformer: needs --model_path (a Longformer folder)")
+
+
+def chosen_model_path(args: argparse.Namespace) -> str:
+    """The model folder of --model: a Longformer needs --model_path; the baseline defaults to SHORT_MODEL."""
+    if args.model == "Longformer" and not args.model_path:
+        raise TaskError("--model Longformer needs --model_path: the folder of a Longformer (e.g. the "
+                        "--save_model_to folder of ds_longformer.pretrain)")
+    return args.model_path or SHORT_MODEL
+
+
+def load_chosen_model(args: argparse.Namespace, cls, path: str, **overrides):
+    """(model, input length) of --model: load_longformer or load_baseline, at --max_seq_len."""
+    load = load_longformer if args.model == "Longformer" else load_baseline
+    return load(cls, path, args.max_seq_len, **overrides)
 
 
 @model_loader

@@ -1,13 +1,11 @@
 """Extractive QA data: SQuAD JSON / parquet and TriviaQA loaders, windows and span labels for
-RoBERTa- and BERT-style tokenizers, exact span mapping on unicode text, answer extraction, the loss."""
+RoBERTa- and BERT-style tokenizers, exact span mapping on unicode text, answer extraction."""
 
 import json
-import math
 import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from data_fixtures import bert_tokenizer_path, make_tiny_roberta_tokenizer
 from qa_fixtures import (
     BEYONCE,
@@ -40,7 +38,6 @@ from ds_longformer.data.qa_features import (
     score_batch,
     score_window,
     select_answers,
-    span_loss,
     tokenize_qa,
 )
 from ds_longformer.data.squad import load_squad, load_squad_json, write_squad_json as write_examples
@@ -417,34 +414,6 @@ def test_v2_unanswerable_question_trains_on_cls_and_predicts_empty(tmp_path, rob
     start, end = oracle_logits(batch)
     predictions = prediction_texts(select_answers(examples, score_batch(dataset, batch, start, end), version_2=True))
     assert predictions == {"56ddde6b9a695914005b9628": "France", "5ad39d53604f3c001a3fe8d1": ""}
-
-
-# ---------------------------------------------------------------- loss
-
-
-def test_span_loss_with_one_target_is_transformers_cross_entropy():
-    generator = torch.Generator().manual_seed(0)
-    start, end = torch.randn(4, 9, generator=generator), torch.randn(4, 9, generator=generator)
-    s, e = torch.tensor([0, 3, 8, 2]), torch.tensor([0, 5, 8, 2])
-    expected = (F.cross_entropy(start, s) + F.cross_entropy(end, e)) / 2
-    assert torch.allclose(span_loss(start, end, s, e), expected)
-    assert torch.allclose(span_loss(start, end, s[:, None], e[:, None]), expected)
-
-
-def test_span_loss_is_the_marginal_likelihood_of_all_targets():
-    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 1.0], [1.0, 2.0, 3.0, 1.0]]))  # softmax = [1, 2, 3, 1] / 7
-    positions = torch.tensor([[1, 2, IGNORE_INDEX], [1, 1, IGNORE_INDEX]])  # a duplicate counts once
-    loss = span_loss(logits, logits, positions, positions)
-    assert loss.item() == pytest.approx((-math.log(5 / 7) - math.log(2 / 7)) / 2)
-    # a row without any target is left out, as transformers' ignore_index does
-    with_empty = torch.cat([positions, torch.full((1, 3), IGNORE_INDEX)])
-    assert span_loss(torch.cat([logits, logits[:1]]), torch.cat([logits, logits[:1]]), with_empty, with_empty).item() \
-        == pytest.approx(loss.item())
-    logits.requires_grad_(True)
-    span_loss(logits, logits, positions, positions).backward()
-    assert torch.isfinite(logits.grad).all()
-    with pytest.raises(ValueError, match="outside"):
-        span_loss(logits, logits, torch.tensor([[4], [0]]), positions)
 
 
 def test_oracle_predictions_score_perfectly_end_to_end(tmp_path, roberta):

@@ -9,6 +9,7 @@ mismatched sizes, num_labels -> id2label; every parameter has a gradient; checkp
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import ds_longformer
@@ -240,6 +241,40 @@ def test_question_answering_puts_global_attention_on_the_question():
     inputs["input_ids"] = inputs["input_ids"].clamp(min=3)
     with pytest.raises(ValueError, match="no sep token"):
         model(**inputs)
+
+
+def test_question_answering_loss_takes_one_or_several_gold_spans_per_row():
+    """Positions (B,) are transformers' rule (also (B, 1)); (B, K) padded with -100: the marginal
+    likelihood of all the row's spans (-log of the softmax mass on them), rows without a target left out."""
+    model = build("LongformerForQuestionAnswering")
+    inputs = head_inputs("LongformerForQuestionAnswering")
+    del inputs["start_positions"], inputs["end_positions"]
+    with torch.no_grad():
+        out = model(**inputs)
+        one = model(**inputs, start_positions=torch.tensor([12, 15]), end_positions=torch.tensor([14, 30]))
+        column = model(**inputs, start_positions=torch.tensor([[12], [15]]), end_positions=torch.tensor([[14], [30]]))
+        padded = model(**inputs, start_positions=torch.tensor([[12, -100], [15, -100]]),
+                       end_positions=torch.tensor([[14, -100], [30, -100]]))
+        several = model(**inputs, start_positions=torch.tensor([[12, 20, 12], [15, -100, -100]]),
+                        end_positions=torch.tensor([[14, 21, -100], [30, 33, -100]]))
+        empty_row = model(**inputs, start_positions=torch.tensor([[12, 20], [-100, -100]]),
+                          end_positions=torch.tensor([[14, 21], [-100, -100]]))
+    start, end = out.start_logits.double(), out.end_logits.double()
+    expected_one = (F.cross_entropy(start, torch.tensor([12, 15])) + F.cross_entropy(end, torch.tensor([14, 30]))) / 2
+    for loss in (one.loss, column.loss, padded.loss):
+        assert loss.item() == pytest.approx(expected_one.item(), rel=1e-5)
+
+    def nll(logits, targets):  # -log of the softmax mass on a set of positions
+        return -torch.logsumexp(logits.log_softmax(-1)[list(targets)], 0)
+
+    expected = ((nll(start[0], {12, 20}) + nll(start[1], {15})) / 2 + (nll(end[0], {14, 21}) + nll(end[1], {30, 33})) / 2) / 2
+    assert several.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert empty_row.loss.item() == pytest.approx(((nll(start[0], {12, 20}) + nll(end[0], {14, 21})) / 2).item(),
+                                                  rel=1e-5)
+    model.train()
+    model(**inputs, start_positions=torch.tensor([[12, 20], [15, -100]]),
+          end_positions=torch.tensor([[14, 21], [30, -100]])).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_sequence_classification_defaults_to_global_first_token():

@@ -1,4 +1,4 @@
-"""The task programs end to end: pretrain, classify, wikihop.
+"""The task programs end to end: pretrain, classify, wikihop (qa: test_task_qa.py).
 
 Tiny random RoBERTa models (saved with transformers) and tiny dataset files in their published
 formats; each task runs a few steps in this process and at 2 CPU ranks under torchrun, and its
@@ -31,7 +31,7 @@ from data_fixtures import (
 from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
 from ds_longformer import LongformerForCandidateScoring, LongformerForMaskedLM, LongformerForSequenceClassification
-from ds_longformer import classify, pretrain, quickstart, wikihop
+from ds_longformer import classify, pretrain, qa, quickstart, wikihop
 from ds_longformer import convert as convert_program
 from ds_longformer.convert import convert
 from ds_longformer.engine import TrainerArgs
@@ -43,26 +43,31 @@ SHORT_LEN = 64  # tokens the tiny "RoBERTa" reads
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def save_tiny_roberta(folder, tokenizer_dir, max_tokens=SHORT_LEN, layers=2, seed=0) -> Path:
-    """A random RobertaForMaskedLM saved by transformers, with the tokenizer: the short model."""
+def save_tiny_roberta(folder, tokenizer_dir, max_tokens=SHORT_LEN, layers=2, seed=0, **config) -> Path:
+    """A random RobertaForMaskedLM saved by transformers, with the tokenizer: the short model
+    (``config``: other RobertaConfig fields, e.g. initializer_range)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=max_tokens + 2, type_vocab_size=1,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2)
-    RobertaForMaskedLM(config).save_pretrained(folder)
+    roberta = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=max_tokens + 2, type_vocab_size=1,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2, **config)
+    RobertaForMaskedLM(roberta).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
+def tiny_models(root: Path) -> SimpleNamespace:
+    """short: a tiny random RoBERTa (SHORT_LEN positions); long: its Longformer conversion (256, window 32)."""
     short = save_tiny_roberta(root / "short", make_tiny_roberta_tokenizer(root))
     long = root / "long"
     convert(short, long, max_pos=256, attention_window=32)
     return SimpleNamespace(short=short, long=long)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +194,7 @@ OUR_NAMES = ["--lr", "1e-3", "--batch_size", "2", "--default_root_dir", "out", "
              "--resume", "latest", "--deepspeed_config", "zero2", "--epochs", "2"]
 
 
-@pytest.mark.parametrize("task", [pretrain, classify, wikihop], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop, qa], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_hugging_face_flag_names_are_accepted(task):
     parser = task.build_parser()
     theirs, ours = (TrainerArgs.from_namespace(parser.parse_args(argv)) for argv in (HF_NAMES, OUR_NAMES))
@@ -326,7 +331,7 @@ def test_task_flags_are_checked_by_the_parser(task, flags, expected, capsys):
     assert exit_.value.code == 1 and expected in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("program", [pretrain, classify, wikihop, quickstart, convert_program],
+@pytest.mark.parametrize("program", [pretrain, classify, wikihop, qa, quickstart, convert_program],
                          ids=lambda m: m.__name__)
 def test_every_numeric_flag_has_a_checked_range(program):
     """A bare int/float flag accepts 0, -1 or nan: each numeric flag reads through engine.args.ranged."""
@@ -814,7 +819,7 @@ def test_wikihop_roberta_baseline_two_ranks(models, wikihop_files, tmp_path):
     check_wikihop_run(run_dir, SHORT_LEN)
 
 
-@pytest.mark.parametrize("task", [pretrain, classify, wikihop])
+@pytest.mark.parametrize("task", [pretrain, classify, wikihop, qa])
 def test_deepspeed_launchers_local_rank_flag_is_accepted(task):
     """`deepspeed` (without --no_local_rank) appends --local_rank=N; the rank comes from LOCAL_RANK."""
     assert task.build_parser().parse_args(["--local_rank=3"]).local_rank == 3

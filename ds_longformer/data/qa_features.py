@@ -39,14 +39,9 @@ in the window, the input positions of its first and last token (the tokens that 
 and last character; an answer that covers no token is dropped). A window without an answer
 points at position 0 (``<s>``/``[CLS]``), as ``run_qa.py`` does. SQuAD training examples have
 one answer, so one target per window; TriviaQA windows may hold several (every occurrence).
-``collate_qa`` pads them to ``(rows, K)`` with -100. ``span_loss`` is the marginal negative
-log-likelihood of all the targets (the loss of Clark and Gardner 2018 that the Longformer paper
-used for TriviaQA: the model needs to put its mass on *some* occurrence, not on every one):
-
-    loss = ( -log sum_k softmax(start_logits)[s_k] - log sum_k softmax(end_logits)[e_k] ) / 2
-
-averaged over the rows; with one target per row it *is* transformers' ``(CE(start) + CE(end)) / 2``
-(and ``(rows, 1)`` positions are what transformers' QA heads accept too).
+``collate_qa`` pads them to ``(rows, K)`` with -100; ``LongformerForQuestionAnswering`` takes
+them as they are (its loss, ``ds_longformer.losses.span_loss``, is the marginal likelihood of all
+the targets of a row; with one target per row, transformers' cross-entropy).
 
 Answer extraction
 -----------------
@@ -77,8 +72,6 @@ API
 ``collate_qa(features, pad_token_id, pad_to_multiple_of=None) -> dict``
     ``input_ids``, ``attention_mask``, ``global_attention_mask`` ``(rows, length)``;
     ``start_positions``/``end_positions`` ``(rows, K)`` padded with -100; ``feature_index`` ``(rows,)``.
-``span_loss(start_logits, end_logits, start_positions, end_positions) -> Tensor``
-    The loss above; positions ``(rows,)`` or ``(rows, K)``, -100 = no target.
 ``score_window(dataset, feature_index, start_logits, end_logits, n_best_size=20, max_answer_len=30) -> WindowScores``
 ``score_batch(dataset, batch, start_logits, end_logits, n_best_size=20, max_answer_len=30) -> list[WindowScores]``
     ``WindowScores`` are small and picklable: gather them from every rank, then
@@ -346,30 +339,6 @@ def collate_qa(features: Sequence[dict], pad_token_id: int, pad_to_multiple_of: 
         batch[key] = positions
     batch["feature_index"] = torch.tensor([f["feature_index"] for f in features], dtype=torch.long)
     return batch
-
-
-def _marginal_nll(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """-log of the probability mass on the target positions, per row; rows without a target: nan."""
-    logits = logits.float()
-    if positions.dim() == 1:
-        positions = positions[:, None]
-    rows, length = logits.shape
-    valid = positions != IGNORE_INDEX
-    if ((positions[valid] < 0) | (positions[valid] >= length)).any():
-        raise ValueError(f"a target position lies outside the {length} logits of its row")
-    # A scatter into one extra column keeps the padded targets out (duplicates count once).
-    is_target = torch.zeros((rows, length + 1), dtype=torch.bool, device=logits.device)
-    is_target.scatter_(1, positions.masked_fill(~valid, length).to(logits.device), True)
-    target_mass = torch.logsumexp(logits.masked_fill(~is_target[:, :length], float("-inf")), dim=1)
-    nll = torch.logsumexp(logits, dim=1) - target_mass
-    return nll.masked_fill(~valid.any(dim=1).to(logits.device), float("nan"))
-
-
-def span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor,
-              end_positions: torch.Tensor) -> torch.Tensor:
-    start = _marginal_nll(start_logits, start_positions)
-    end = _marginal_nll(end_logits, end_positions)
-    return (start.nanmean() + end.nanmean()) / 2
 
 
 # ---------------------------------------------------------------------------------------------
