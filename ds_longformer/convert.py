@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
 from .model import LongformerForMaskedLM, LongformerModel
-from .weights import read_config_json, read_state_dict
+from .weights import read_weight_names
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def extend_position_table(table: torch.Tensor, reserved: int, max_pos: int) -> t
 
 
 def has_mlm_head(folder: str | Path) -> bool:
-    return any(k.startswith(("lm_head.", "cls.predictions.")) for k in read_state_dict(folder))
+    return any(k.startswith(("lm_head.", "cls.predictions.")) for k in read_weight_names(folder))
 
 
 def convert_to_long(source: str | Path, max_pos: int = 4096, attention_window: int | list[int] | None = None):
@@ -102,19 +103,28 @@ def save_tokenizer(tokenizer, output: str | Path, max_pos: int) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
-            attention_window: int | list[int] | None = None):
-    """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
-    model_type = read_config_json(source).get("model_type")
+def long_model_and_tokenizer(source: str | Path, max_pos: int = 4096, attention_window: int | list[int] | None = None):
+    """(the long model, the source's tokenizer or None): what `convert` writes; reads only."""
     model = convert_to_long(source, max_pos, attention_window)
     tokenizer = load_tokenizer(source, max_pos)
     if tokenizer is not None:
         fill_special_ids(model.config, tokenizer)
+    return model, tokenizer
+
+
+def save_long(model, tokenizer, output: str | Path, max_pos: int) -> None:
     model.save_pretrained(output)
     if tokenizer is not None:
         save_tokenizer(tokenizer, output, max_pos)
-    log.info("converted %s (%s) -> %s: %s, %d positions, windows %s", source, model_type, output,
-             type(model).__name__, max_pos, model.config.attention_window)
+    log.info("wrote %s: %s, %d positions, windows %s", output, type(model).__name__, max_pos,
+             model.config.attention_window)
+
+
+def convert(source: str | Path, output: str | Path, max_pos: int = 4096,
+            attention_window: int | list[int] | None = None):
+    """Convert and write a Hugging Face folder (model + tokenizer) to `output`; returns the model."""
+    model, tokenizer = long_model_and_tokenizer(source, max_pos, attention_window)
+    save_long(model, tokenizer, output, max_pos)
     return model
 
 
@@ -138,7 +148,7 @@ def build_parser():
 
 def run(argv=None) -> None:
     """The program; user errors are UserErrors (tasks_common.cli prints them)."""
-    from .engine.files import replace_folder, staging_folder
+    from .engine.files import replace_folder, staging_folder, writable_folder
     from .tasks_common import TaskError, check_model_folder, model_loader
 
     args = build_parser().parse_args(argv)
@@ -148,19 +158,25 @@ def run(argv=None) -> None:
         raise TaskError(f"--source {source}: no such folder (a local Hugging Face folder: config.json + weights)")
     if output.resolve() == source.resolve():
         raise TaskError(f"--output {output} is the --source folder: write the long model to another folder")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+    if output.exists() and not output.is_dir():
+        raise TaskError(f"--output {output} is a file: name a folder")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise TaskError(f"--output {output} already exists and is not empty: pass --overwrite to replace it, or "
                         "name another folder")
+    writable_folder(output.parent, "--output")
     check_model_folder(source)
     window = args.attention_window
     if window is not None and len(window) == 1:
         window = window[0]
+    model, tokenizer = model_loader(long_model_and_tokenizer)(source, args.max_pos, window)
     # Written beside --output and renamed into place: a failed or killed run leaves no half model.
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(output)
-    model_loader(convert)(source, staging, args.max_pos, window)
-    if output.exists() and not output.is_dir():
-        output.unlink()
+    try:
+        save_long(model, tokenizer, staging, args.max_pos)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     replace_folder(staging, output)
 
 

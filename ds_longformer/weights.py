@@ -36,7 +36,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ def folder_model_type(name_or_path: str | Path) -> str | None:
 def read_weights_file(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of one .safetensors or torch.save file, on the CPU; a damaged file -> ValueError
     naming it."""
-    problem = weights_file_problem(file)
-    if problem:
-        raise ValueError(f"{file} {problem}: the file is damaged (copied or downloaded only in part?)")
+    _require_whole(file)
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
@@ -88,6 +86,17 @@ def read_weights_file(file: Path) -> dict[str, torch.Tensor]:
     # (the weights-only unpickler meets a file that is not weights with any of these)
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, IndexError, KeyError) as err:
         raise ValueError(f"{file} cannot be read as weights ({type(err).__name__}: {err})") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file} of a model.safetensors.index.json."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index} is not a shard index ({type(err).__name__}: {err})") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} is not a shard index (its weight_map is not an object)")
+    return weight_map
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -102,13 +111,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return read_weights_file(path / name)
     index = path / "model.safetensors.index.json"
     if index.is_file():  # the shards the index names (not stray ones from an earlier save)
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index} is not a shard index ({type(err).__name__}: {err})") from None
+        shards = sorted(set(_weight_map(index).values()))
         return {k: v for shard in shards for k, v in read_weights_file(path / shard).items()}
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json (shards) or "
                             "pytorch_model.bin")
+
+
+def read_weight_names(folder: str | Path) -> list[str]:
+    """The tensor names of a save_pretrained folder, read from the safetensors header or the shard
+    index without loading a tensor (only a pytorch_model.bin has to be loaded)."""
+    folder = Path(folder)
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        _require_whole(single)
+        with safe_open(single, "pt") as f:
+            return list(f.keys())
+    if index.is_file() and not (folder / "pytorch_model.bin").is_file():  # (read_state_dict's order)
+        return list(_weight_map(index))
+    return list(read_state_dict(folder))
 
 
 # ---- checking and loading ---------------------------------------------------------------------
@@ -119,9 +139,13 @@ def check_folder(path: str | Path) -> None:
     if (path / "config.json").is_file():
         read_config_json(path)
     for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
-        problem = weights_file_problem(file)
-        if problem:
-            raise ValueError(f"{file} {problem}: the model folder is damaged (copied or downloaded only in part?)")
+        _require_whole(file)
+
+
+def _require_whole(file: Path) -> None:
+    problem = weights_file_problem(file)
+    if problem:
+        raise ValueError(f"{file} {problem}: the file is damaged (copied or downloaded only in part?)")
 
 
 def weights_file_problem(file: Path) -> str | None:

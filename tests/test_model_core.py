@@ -586,6 +586,7 @@ CONVERT_ERRORS = {  # case: (flags beyond --source/--output, what the one messag
     "truncated weights": ([], "model.safetensors is truncated"),
     "existing output": ([], "already exists and is not empty: pass --overwrite"),
     "output is the source": ([], "is the --source folder"),
+    "output is a file": ([], "is a file: name a folder"),
 }
 
 
@@ -610,6 +611,8 @@ def test_convert_errors_are_one_message_and_leave_no_output(tmp_path, capsys, ca
         (out / "notes.txt").write_text("mine")
     elif case == "output is the source":
         out = src
+    elif case == "output is a file":
+        out.write_text("mine")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SystemExit) as exit_:
         main(["--source", str(src), "--output", str(out), *flags])
@@ -619,6 +622,38 @@ def test_convert_errors_are_one_message_and_leave_no_output(tmp_path, capsys, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no staging folder left
     if case == "existing output":
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_convert_failing_mid_write_leaves_no_output(tmp_path, monkeypatch):
+    """An error after the model is written (here: saving the tokenizer) leaves neither --output nor
+    the staging folder beside it."""
+    from ds_longformer import convert as convert_module
+
+    _, src = tiny_roberta(tmp_path)
+    (src / "tokenizer_config.json").write_text("{}")
+    monkeypatch.setattr(convert_module, "load_tokenizer", lambda source, max_pos: object())
+    monkeypatch.setattr(convert_module, "fill_special_ids", lambda config, tokenizer: None)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert_module, "save_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert_module.run(["--source", str(src), "--output", str(tmp_path / "long"), "--max_pos", "64",
+                            "--attention_window", "8"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["roberta"]
+
+
+@pytest.mark.parametrize("layout", ["model.safetensors", "shards", "pytorch_model.bin"])
+def test_weight_names_without_loading_equal_the_state_dicts_keys(tmp_path, layout):
+    from ds_longformer.weights import read_state_dict, read_weight_names
+
+    model, _ = tiny_roberta(tmp_path)
+    folder = tmp_path / layout
+    model.save_pretrained(folder, safe_serialization=layout != "pytorch_model.bin",
+                          **({"max_shard_size": "20KB"} if layout == "shards" else {}))
+    assert (folder / "model.safetensors.index.json").is_file() == (layout == "shards")
+    assert sorted(read_weight_names(folder)) == sorted(read_state_dict(folder))
 
 
 def test_convert_overwrite_replaces_the_output_whole(tmp_path):
