@@ -18,6 +18,7 @@ example 1 of 120 tokens (padding ends shard 0 and fills shard 1) with globals 3 
 * dropout: masks of the two shards and of heads on the two ranks independent (and identical without
   a stream per rank: the trap); checkpointing redraws the same masks;
 * resume: a Trainer at P=2 with dropout on resumed from its step-2 checkpoint equals the uninterrupted run.
+* same_batch: the check that the ranks of a group hold the same batch.
 """
 
 from __future__ import annotations
@@ -287,12 +288,30 @@ def resume(out: Path) -> dict:
             "state_sequence_parallel_size": state.get("sequence_parallel_size")}
 
 
+def same_batch(par) -> dict:
+    """parallel.check_same_batch: the same batch on both ranks passes; a batch that differs on one rank
+    (one token) stops with the message, on every rank of the group."""
+    batch = make_batch("mlm")
+    parallel.check_same_batch(batch, par)
+    changed = {**batch, "input_ids": batch["input_ids"].clone()}
+    changed["input_ids"][1, 7] += dist.get_rank()
+    try:
+        parallel.check_same_batch(changed, par)
+        message = None
+    except RuntimeError as err:
+        message = str(err)
+    messages = [None] * dist.get_world_size(par.group)
+    dist.all_gather_object(messages, message, group=par.group)
+    return messages
+
+
 def main(out: Path) -> None:
     rank, world = init_distributed()
     par = parallel.setup(rank, world, 2)
     sp = SequenceParallel.of(par.group)
     results = {"equivalence": equivalence(par.group), "engine": engine_gradients(par.group, par),
-               "eval": evaluation(par.group), "dropout": dropout_cases(par.group, sp), "resume": resume(out)}
+               "eval": evaluation(par.group), "dropout": dropout_cases(par.group, sp), "resume": resume(out),
+               "same_batch": same_batch(par)}
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2))
 

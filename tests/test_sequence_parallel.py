@@ -106,6 +106,12 @@ def test_resumed_run_equals_the_uninterrupted_one_with_dropout(checks):
     assert resume["state_sequence_parallel_size"] == 2  # the checkpoint records P
 
 
+def test_a_group_whose_ranks_hold_different_batches_is_stopped(checks):
+    """(It would otherwise train on the halves of two different sequences without a word.)"""
+    for message in checks["same_batch"]:  # every rank of the group stops
+        assert message is not None and "got different batches" in message
+
+
 # ---- the Trainer at P=2 against one process -------------------------------------------------------
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory):

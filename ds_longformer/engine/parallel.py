@@ -9,8 +9,9 @@ P <= GPUs per node) and hold every sequence of the same batches between them, N 
 
 * data: the sampler, the seeds and the loader use the data-parallel rank ``rank // P`` among
   ``W / P`` (``Parallelism.data_rank``/``data_world_size``): the ranks of a group load the same
-  batches and draw the same numbers (MLM masks, the heads' dropout). ``check_same_batch`` stops a
-  run whose group got different batches (it would train on nonsense without a word);
+  batches and draw the same numbers (MLM masks, the heads' dropout). ``check_same_batch`` (the
+  Trainer calls it on each epoch's first batch) stops a run whose group got different batches (it
+  would train on nonsense without a word);
 * gradients: DeepSpeed gets ``parallel_state_sp`` as its mpu. With it ZeRO 0-2 sum a gradient
   over the group and average it over the replicas: the one-device gradient, each rank's loss
   being its share. ZeRO shards over all W ranks; a global batch is micro x accumulation x W / P;

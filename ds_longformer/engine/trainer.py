@@ -221,7 +221,8 @@ class Trainer:
         for micro, batch in zip(range(micro_batches), self.train_loader):
             boundary = (micro + 1) % ga == 0
             lr = self.engine.get_lr()[0]
-            parallel.check_same_batch(batch, self.parallel)
+            if micro == 0:  # (batches follow from the epoch's seeds: its first one tells; not every step's cost)
+                parallel.check_same_batch(batch, self.parallel)
             outputs = self.engine(**self._inputs(batch))
             totals += torch.tensor([outputs.loss.item(), counted * batch_tokens(batch), counted * batch_size(batch),
                                     counted * self._batch_flops(batch)], dtype=torch.float64)
